@@ -1,0 +1,1 @@
+"""Flower glue for fedclinic: ServerApp, ClientApp, Hydra config and the run folder."""

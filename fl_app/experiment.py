@@ -1,0 +1,145 @@
+"""One federated experiment on a Grid: sites -> statistics -> rounds -> run folder."""
+
+from __future__ import annotations
+
+import json
+import random
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+import strategies
+from fl_app.config import to_json
+from fl_app.metrics import SiteMetricsCollector, public_site_metrics
+from fl_app.plots import plot_rounds
+from fl_app.run_folder import RunFolder
+from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
+from fl_app.sites import (
+    expected_num_sites,
+    global_statistics,
+    model_info,
+    query_sites,
+    wait_for_nodes,
+)
+from tasks import get_task
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model initialisation, node sampling)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
+    """Run the experiment described by the resolved ``cfg``; return its run folder."""
+    seed_everything(int(cfg.seed))
+    task = get_task(str(cfg.task.name))
+    run = RunFolder.create(cfg)
+    log(INFO, "fedclinic: task=%s strategy=%s privacy=%s rounds=%d; run folder %s",
+        cfg.task.name, cfg.strategy.name, cfg.privacy.name, cfg.num_rounds, run.path)
+
+    expected = expected_num_sites(cfg, task)
+    nodes = wait_for_nodes(grid, expected, float(cfg.wait_for_nodes_s))
+    facts = query_sites(grid, cfg, nodes, float(cfg.round_timeout_s))
+    for f in facts:
+        log(INFO, "  site %-12s train %5d  test %5d  (node %d)", f.name, f.num_train, f.num_test, f.node_id)
+    stats = global_statistics(facts)
+    info = model_info(facts)
+    run.write_json("sites.json", {
+        "sites": [{"name": f.name, "num_train": f.num_train, "num_test": f.num_test} for f in facts],
+        "feature_statistics": stats,
+    })
+
+    model = task.build_model(cfg, info)
+    collector = SiteMetricsCollector()
+    strategy = strategies.build(
+        cfg, len(facts),
+        train_metrics_aggr_fn=collector.train,
+        evaluate_metrics_aggr_fn=collector.evaluate,
+    )
+    record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
+    site_names = [f.name for f in facts]
+    history: list[dict[str, Any]] = []
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        line = _round_line(server_round, collector, site_names)
+        history.append(line)
+        run.append_jsonl("metrics.jsonl", line)
+        run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
+        _log_round(line, int(cfg.num_rounds))
+        collector.reset()
+        return None
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=int(cfg.num_rounds),
+        timeout=float(cfg.round_timeout_s),
+        train_config=ConfigRecord(dict(record)),
+        evaluate_config=ConfigRecord(dict(record)),
+        evaluate_fn=end_of_round,
+    )
+    _finish(run, cfg, result.arrays, history)
+    return run
+
+
+def _round_line(server_round: int, collector: SiteMetricsCollector, sites: list[str]) -> dict[str, Any]:
+    """One metrics.jsonl line: pooled and per-site test metrics, per-site train metrics."""
+    return {
+        "round": server_round,
+        "pooled": collector.last_pooled,
+        "per_site": {s: public_site_metrics(m) for s, m in collector.last_evaluate.items()},
+        "train": collector.last_train,
+        "missing_sites": [s for s in sites if s not in collector.last_evaluate],
+    }
+
+
+def _log_round(line: dict[str, Any], num_rounds: int) -> None:
+    pooled = line["pooled"]
+    log(INFO, "[round %d/%d] pooled: accuracy %.4f  auc %s  loss %.4f  (%d sites)",
+        line["round"], num_rounds, pooled.get("accuracy", float("nan")),
+        _fmt(pooled.get("auc")), pooled.get("loss", float("nan")), len(line["per_site"]))
+    for site, m in sorted(line["per_site"].items()):
+        train = line["train"].get(site, {})
+        log(INFO, "    %-12s accuracy %.4f  auc %s  loss %.4f  train_loss %s  n=%d",
+            site, m["accuracy"], _fmt(m.get("auc")), m["loss"],
+            _fmt(train.get("train_loss")), m["num-examples"])
+    if line["missing_sites"]:
+        log(INFO, "    no result this round from: %s", ", ".join(line["missing_sites"]))
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
+
+
+def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[dict[str, Any]]) -> None:
+    """Write the final model, summary and plot; print where the run folder is."""
+    run.save_model("final_model.pt", arrays.to_torch_state_dict())
+    last = history[-1] if history else {"pooled": {}, "per_site": {}}
+    accuracies = [m["accuracy"] for m in last["per_site"].values()]
+    summary = {
+        "task": cfg.task.name,
+        "strategy": cfg.strategy.name,
+        "privacy": cfg.privacy.name,
+        "rounds_completed": len(history),
+        "pooled": last["pooled"],
+        "per_site": last["per_site"],
+        "mean_site_accuracy": float(np.mean(accuracies)) if accuracies else None,
+        "run_dir": str(run.path),
+    }
+    run.write_json("summary.json", summary)
+    if history:
+        plot_rounds(history, run.path / "plots" / "metrics.png",
+                    f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}")
+    log(INFO, "fedclinic: mean per-site accuracy %s, pooled AUC %s",
+        _fmt(summary["mean_site_accuracy"]), _fmt(last["pooled"].get("auc")))
+    log(INFO, "fedclinic: run folder: %s", run.path)

@@ -1,0 +1,94 @@
+"""Per-site and pooled metrics of each round, gathered from the sites' replies."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from tasks.engine import auc_from_histograms
+
+SITE_RECORD = "site"  # ConfigRecord in every reply: {"name": <site name>}
+HISTOGRAM_KEYS = ("score-hist-pos", "score-hist-neg")
+
+
+def site_name(reply: RecordDict) -> str:
+    """The site name a ClientApp put in its reply."""
+    return str(reply[SITE_RECORD]["name"]) if SITE_RECORD in reply else "unknown-site"
+
+
+def metrics_of(reply: RecordDict) -> dict[str, Any]:
+    """The (only) MetricRecord of a reply as a plain dict."""
+    record = next(iter(reply.metric_records.values()))
+    return dict(record)
+
+
+def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Metrics over all sites' test data pooled.
+
+    Loss, accuracy, sensitivity and specificity are exact example-weighted means; AUC comes
+    from the summed per-class score histograms (see tasks.engine.auc_from_histograms).
+    """
+    sites = list(per_site.values())
+    if not sites:
+        return {}
+    total = sum(int(s["num-examples"]) for s in sites)
+    pooled: dict[str, Any] = {"num-examples": total}
+    for key in ("loss", "accuracy"):
+        pooled[key] = sum(float(s[key]) * int(s["num-examples"]) for s in sites) / total
+    if all(k in sites[0] for k in HISTOGRAM_KEYS):
+        pos = np.sum([s["score-hist-pos"] for s in sites], axis=0)
+        neg = np.sum([s["score-hist-neg"] for s in sites], axis=0)
+        pooled["auc"] = auc_from_histograms(pos, neg)
+        # sensitivity/specificity pooled exactly from per-site counts
+        n_pos = [sum(s["score-hist-pos"]) for s in sites]
+        n_neg = [sum(s["score-hist-neg"]) for s in sites]
+        pooled["sensitivity"] = _weighted(sites, "sensitivity", n_pos)
+        pooled["specificity"] = _weighted(sites, "specificity", n_neg)
+    else:
+        pooled["auc"] = _weighted(sites, "auc", [int(s["num-examples"]) for s in sites])
+    return pooled
+
+
+def _weighted(sites: list[dict[str, Any]], key: str, weights: list[int]) -> float:
+    pairs = [(float(s[key]), w) for s, w in zip(sites, weights, strict=True) if w > 0]
+    pairs = [(v, w) for v, w in pairs if not math.isnan(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def public_site_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's metrics without the score histograms (kept out of the metric files)."""
+    return {k: v for k, v in metrics.items() if k not in HISTOGRAM_KEYS}
+
+
+class SiteMetricsCollector:
+    """Flower metric aggregators that also keep each site's own metrics of the latest round.
+
+    Pass ``collector.train`` / ``collector.evaluate`` as the strategy's
+    ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``; read ``last_train`` and
+    ``last_evaluate`` (site -> metrics) after the round.
+    """
+
+    def __init__(self) -> None:
+        self.last_train: dict[str, dict[str, Any]] = {}
+        self.last_evaluate: dict[str, dict[str, Any]] = {}
+        self.last_pooled: dict[str, Any] = {}
+
+    def train(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Keep per-site training metrics; return Flower's weighted average."""
+        self.last_train = {site_name(r): metrics_of(r) for r in replies}
+        return aggregate_metricrecords(replies, weight_key)
+
+    def evaluate(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Keep per-site evaluation metrics; return the pooled metrics."""
+        self.last_evaluate = {site_name(r): metrics_of(r) for r in replies}
+        self.last_pooled = pooled_metrics(self.last_evaluate)
+        return MetricRecord({k: float(v) for k, v in self.last_pooled.items()})
+
+    def reset(self) -> None:
+        """Forget the latest round (called at the start of each round)."""
+        self.last_train, self.last_evaluate, self.last_pooled = {}, {}, {}

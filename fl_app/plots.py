@@ -1,0 +1,45 @@
+"""PNG plots of a run's metrics over rounds (per site and pooled)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
+import matplotlib.pyplot as plt
+
+from fl_app.run_folder import atomic_write_bytes
+
+PLOTTED = ("accuracy", "auc", "loss")
+
+
+def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """One panel per metric: a line per site and a thick line for the pooled value."""
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4))
+    for ax, key in zip(axes, PLOTTED, strict=True):
+        sites = sorted({s for line in history for s in line.get("per_site", {})})
+        for site in sites:
+            xs = [h["round"] for h in history if site in h.get("per_site", {})]
+            ys = [_value(h["per_site"][site].get(key)) for h in history if site in h.get("per_site", {})]
+            ax.plot(xs, ys, marker=".", linewidth=1, label=site)
+        xs = [h["round"] for h in history]
+        ax.plot(xs, [_value(h.get("pooled", {}).get(key)) for h in history],
+                color="black", linewidth=2.5, label="pooled")
+        ax.set_title(key)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _value(v: Any) -> float:
+    return float("nan") if v is None else float(v)

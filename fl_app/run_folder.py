@@ -1,0 +1,103 @@
+"""The run folder: the product's output. Every file is written atomically (temp + rename)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text variant of ``atomic_write_bytes`` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class RunFolder:
+    """One run's folder under ``output_dir``: config, metrics, ledger, plots, model."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._jsonl: dict[str, list[str]] = {}
+
+    @classmethod
+    def create(cls, cfg: DictConfig) -> RunFolder:
+        """Make ``<output_dir>/<timestamp>_<task>_<strategy>[_privacy]`` (unique) and save the config."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        parts = [stamp, str(cfg.task.name), str(cfg.strategy.name)]
+        if cfg.privacy.name != "none":
+            parts.append(str(cfg.privacy.name))
+        root = Path(str(cfg.output_dir)).expanduser().resolve()
+        base = root / "_".join(parts)
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        folder = cls(path)
+        folder.write_text("config.yaml", OmegaConf.to_yaml(cfg))
+        return folder
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Atomically write a text file inside the run folder."""
+        target = self.path / name
+        atomic_write_text(target, text)
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Atomically write JSON (NaN written as null)."""
+        return self.write_text(name, json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n")
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> Path:
+        """Add one line to a JSON-lines file; the whole file is rewritten atomically."""
+        lines = self._jsonl.setdefault(name, self._existing_lines(name))
+        lines.append(json.dumps(json_safe(record), sort_keys=True))
+        return self.write_text(name, "\n".join(lines) + "\n")
+
+    def _existing_lines(self, name: str) -> list[str]:
+        target = self.path / name
+        return target.read_text().splitlines() if target.exists() else []
+
+    def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
+        """Atomically save a torch state_dict."""
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        target = self.path / name
+        atomic_write_bytes(target, buffer.getvalue())
+        return target

@@ -1,0 +1,44 @@
+"""Run an experiment in-process with Flower's simulation engine (no SuperLink, no CLI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from fl_app.client_app import app as client_app
+from fl_app.experiment import run_experiment
+from fl_app.run_folder import RunFolder
+from fl_app.sites import expected_num_sites
+from tasks import get_task
+
+
+def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
+    """Simulate one SuperNode per site for the resolved ``cfg``; return the run folder."""
+    from flwr.simulation import run_simulation  # imports Ray: keep it off the module path
+
+    num_sites = expected_num_sites(cfg, get_task(str(cfg.task.name)))
+    folders: list[RunFolder] = []
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        folders.append(run_experiment(grid, cfg))
+
+    cpus = num_cpus or os.cpu_count() or 1
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=num_sites,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                          "logging_level": logging.WARNING},
+        },
+    )
+    if not folders:
+        raise RuntimeError("the simulated ServerApp did not finish; see the log above")
+    return folders[0]

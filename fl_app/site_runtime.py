@@ -1,0 +1,87 @@
+"""What a ClientApp needs before it can train: its site, its data, its device.
+
+Site-local facts come only from the SuperNode's node_config: ``site-name`` and ``data-path``
+in deployment, ``partition-id`` in simulation, and optionally ``device``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message
+from omegaconf import DictConfig
+
+from fl_app.config import from_json
+from tasks import DataError, SiteData, SiteRef, Task, get_task
+from tasks.base import pick_device
+
+CONFIG_KEY = "cfg"  # JSON of the resolved experiment config, in every ConfigRecord we send
+STATS_KEY = "stats"  # JSON of the federated statistics (train/evaluate only)
+
+
+def site_ref(cfg: DictConfig, task: Task, node_config: dict[str, Any]) -> SiteRef:
+    """Which site this SuperNode serves, from its node_config."""
+    if "data-path" in node_config or "site-name" in node_config:
+        if "data-path" not in node_config:
+            raise DataError("node_config has site-name but no data-path: start the SuperNode "
+                            "with --node-config 'site-name=\"...\" data-path=\"/path\"'")
+        path = Path(str(node_config["data-path"])).expanduser()
+        if not path.exists():
+            raise DataError(f"node_config data-path '{path}' does not exist on this SuperNode")
+        name = str(node_config.get("site-name") or path.stem)
+        return SiteRef(name=name, data_path=path)
+    if "partition-id" in node_config:
+        names = task.site_names(cfg)
+        index = int(node_config["partition-id"])
+        if index >= len(names):
+            raise DataError(
+                f"SuperNode with partition-id {index} has no site: task '{task.name}' has "
+                f"{len(names)} sites ({', '.join(names)}); run with num-supernodes={len(names)}"
+            )
+        return SiteRef(name=names[index], index=index)
+    raise DataError("node_config names no site: set data-path and site-name (deployment) "
+                    "or run in simulation (partition-id)")
+
+
+def device_for(cfg: DictConfig, node_config: dict[str, Any]) -> torch.device:
+    """The SuperNode's ``device`` if set, else the config's (``auto`` = CUDA when present)."""
+    return pick_device(str(node_config.get("device", cfg.device)))
+
+
+@lru_cache(maxsize=8)
+def _load(cfg_json: str, ref: SiteRef) -> SiteData:
+    cfg = from_json(cfg_json)
+    return get_task(cfg.task.name).load_site(cfg, ref)
+
+
+@lru_cache(maxsize=8)
+def _prepared(cfg_json: str, ref: SiteRef, stats_json: str) -> SiteData:
+    cfg = from_json(cfg_json)
+    site = _load(cfg_json, ref)
+    stats = json.loads(stats_json) if stats_json else None
+    return get_task(cfg.task.name).apply_statistics(site, stats)
+
+
+class SiteSession:
+    """The config, task, site and device of one incoming message."""
+
+    def __init__(self, msg: Message, node_config: dict[str, Any]) -> None:
+        record = msg.content["config"]
+        self.cfg_json = str(record[CONFIG_KEY])
+        self.stats_json = str(record.get(STATS_KEY, ""))
+        self.cfg = from_json(self.cfg_json)
+        self.task = get_task(self.cfg.task.name)
+        self.ref = site_ref(self.cfg, self.task, node_config)
+        self.device = device_for(self.cfg, node_config)
+
+    def raw_site(self) -> SiteData:
+        """The site's data before federated preprocessing (cached per process)."""
+        return _load(self.cfg_json, self.ref)
+
+    def site(self) -> SiteData:
+        """The site's data after federated preprocessing (cached per process)."""
+        return _prepared(self.cfg_json, self.ref, self.stats_json)

@@ -1,0 +1,118 @@
+"""Server side of the first round: find the sites, gather their facts and statistics."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fl_app.config import to_json
+from fl_app.site_runtime import CONFIG_KEY
+from tasks import Task
+from tasks.federated_stats import combine_moments
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run this experiment (missing sites, site errors, mismatches)."""
+
+
+@dataclass
+class SiteFacts:
+    """What a site reported in the query round."""
+
+    node_id: int
+    name: str
+    num_train: int
+    num_test: int
+    info: dict[str, Any]
+    moments: dict[str, list[float]] | None
+
+
+def expected_num_sites(cfg: DictConfig, task: Task) -> int:
+    """``min_sites`` if set, else every site the task defines for this config."""
+    if cfg.get("min_sites"):
+        return int(cfg.min_sites)
+    return len(task.site_names(cfg))
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """Wait until ``expected`` SuperNodes are connected; FederationError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if len(nodes) != last:
+            log(INFO, "Waiting for sites: %d of %d SuperNodes connected", len(nodes), expected)
+            last = len(nodes)
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {expected} SuperNodes connected after {timeout_s:.0f}s. "
+                "In simulation run `flwr run . --federation-config "
+                f"\"num-supernodes={expected}\"`; in deployment start every hospital's "
+                "SuperNode or lower min_sites."
+            )
+        time.sleep(1.0)
+
+
+def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float) -> list[SiteFacts]:
+    """Ask every node for its site facts; raise FederationError naming any site that failed."""
+    record = RecordDict({"config": ConfigRecord({CONFIG_KEY: to_json(cfg)})})
+    messages = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    problems, facts = [], []
+    answered = {r.metadata.src_node_id for r in replies}
+    problems += [f"node {n}: no reply within {timeout_s:.0f}s" for n in nodes if n not in answered]
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problems.append(f"node {node}: {_last_line(reply.error.reason)}")
+            continue
+        data = json.loads(str(reply.content["site"]["facts"]))
+        facts.append(SiteFacts(node, data["name"], data["num_train"], data["num_test"],
+                               data["info"], data["moments"]))
+    if problems:
+        raise FederationError("sites could not load their data:\n  " + "\n  ".join(problems))
+    names = [f.name for f in facts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise FederationError(f"two SuperNodes claim the same site: {', '.join(duplicates)}")
+    return sorted(facts, key=lambda f: f.name)
+
+
+def global_statistics(facts: list[SiteFacts]) -> dict[str, list[float]] | None:
+    """Combine the sites' feature moments (None when the task shares none)."""
+    parts = [f.moments for f in facts if f.moments is not None]
+    if not parts:
+        return None
+    if len(parts) != len(facts) or len({len(p["count"]) for p in parts}) != 1:
+        raise FederationError("sites report different feature sets; check each site's data")
+    return combine_moments(parts)
+
+
+def model_info(facts: list[SiteFacts]) -> dict[str, Any]:
+    """The model-shaping facts, which every site must agree on."""
+    keys = ("num_features", "num_classes", "in_channels", "image_size")
+    first = {k: v for k, v in facts[0].info.items() if k in keys}
+    for other in facts[1:]:
+        theirs = {k: v for k, v in other.info.items() if k in keys}
+        if theirs != first:
+            raise FederationError(
+                f"site {other.name} reports {theirs} but {facts[0].name} reports {first}; "
+                "every site must hold data of the same task and shape"
+            )
+    return facts[0].info
+
+
+def _last_line(reason: str) -> str:
+    """The exception line of a ClientApp error (not the traceback above it)."""
+    lines = [line for line in str(reason).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else str(reason)

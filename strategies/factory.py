@@ -1,0 +1,53 @@
+"""Build the Flower strategy an experiment config asks for.
+
+The base aggregator is one of Flower's own Message-API strategies (FedAvg, FedProx, FedAdam),
+weighted by the number of training examples each site reports as ``num-examples``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from omegaconf import DictConfig
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+
+WEIGHT_KEY = "num-examples"
+
+
+def build(
+    cfg: DictConfig,
+    num_sites: int,
+    *,
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
+    evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+) -> Strategy:
+    """Return the strategy for ``cfg.strategy`` over ``num_sites`` sites.
+
+    Every site must be connected before a round starts (``min_available_nodes``), and the
+    sampling fractions come from the config.
+    """
+    scfg = cfg.strategy
+    common: dict[str, Any] = {
+        "fraction_train": float(scfg.fraction_train),
+        "fraction_evaluate": float(scfg.fraction_evaluate),
+        "min_train_nodes": max(1, round(float(scfg.fraction_train) * num_sites)),
+        "min_evaluate_nodes": max(1, round(float(scfg.fraction_evaluate) * num_sites)),
+        "min_available_nodes": num_sites,
+        "weighted_by_key": WEIGHT_KEY,
+        "train_metrics_aggr_fn": train_metrics_aggr_fn,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+    }
+    if scfg.name == "fedavg":
+        return FedAvg(**common)
+    if scfg.name == "fedprox":
+        return FedProx(**common, proximal_mu=float(scfg.proximal_mu))
+    if scfg.name == "fedadam":
+        return FedAdam(
+            **common, eta=float(scfg.eta), eta_l=float(scfg.eta_l),
+            beta_1=float(scfg.beta_1), beta_2=float(scfg.beta_2), tau=float(scfg.tau),
+        )
+    raise ValueError(f"unknown strategy '{scfg.name}'; choose fedavg, fedprox or fedadam")

@@ -1,0 +1,140 @@
+"""Local training and evaluation shared by every task (classification with logits)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+# Scores are binned into this many equal-width bins per class for the pooled AUC: sites share
+# two histograms of predicted probabilities, never per-patient predictions.
+SCORE_BINS = 1000
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A DataLoader with a seeded generator, so local training is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def proximal_term(model: nn.Module, global_params: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu/2) * ||w - w_global||^2 over the trainable parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return (mu / 2.0) * sum(
+        ((p - g) ** 2).sum() for p, g in zip(trainable, global_params, strict=True)
+    )
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``epochs`` local epochs; return mean loss and examples seen.
+
+    With ``proximal_mu`` > 0 the FedProx proximal term towards the weights the model had on
+    entry (the global model) is added to every batch's loss.
+    """
+    model.to(device).train()
+    criterion = nn.CrossEntropyLoss()
+    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    total_loss, total_examples = 0.0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                continue
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            objective = loss + proximal_term(model, global_params, proximal_mu) if proximal_mu else loss
+            objective.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            total_examples += len(y)
+    return {"train_loss": total_loss / max(total_examples, 1), "examples_seen": total_examples}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return (labels, class probabilities, summed cross-entropy) over a loader."""
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    labels, probs, loss = [], [], 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += criterion(logits, y).item()
+        labels.append(y.cpu().numpy())
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    return np.concatenate(labels), np.concatenate(probs), loss
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, loss_sum: float) -> dict[str, Any]:
+    """Loss, accuracy, AUC (scikit-learn), sensitivity, specificity and score histograms.
+
+    AUC is NaN when the site's test set holds a single class (it is undefined there).
+    """
+    n = len(labels)
+    pred = probs.argmax(axis=1)
+    metrics: dict[str, Any] = {
+        "loss": loss_sum / n,
+        "accuracy": float((pred == labels).mean()),
+        "num-examples": n,
+    }
+    if probs.shape[1] == 2:
+        score = probs[:, 1]
+        metrics["auc"] = binary_auc(labels, score)
+        pos, neg = labels == 1, labels == 0
+        metrics["sensitivity"] = float((pred[pos] == 1).mean()) if pos.any() else math.nan
+        metrics["specificity"] = float((pred[neg] == 0).mean()) if neg.any() else math.nan
+        metrics["score-hist-pos"] = score_histogram(score[pos])
+        metrics["score-hist-neg"] = score_histogram(score[neg])
+    else:
+        metrics["auc"] = (
+            float(roc_auc_score(labels, probs, multi_class="ovr"))
+            if len(np.unique(labels)) == probs.shape[1]
+            else math.nan
+        )
+    return metrics
+
+
+def binary_auc(labels: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC from scikit-learn, NaN when only one class is present."""
+    return float(roc_auc_score(labels, score)) if len(np.unique(labels)) == 2 else math.nan
+
+
+def score_histogram(score: np.ndarray) -> list[int]:
+    """Counts of probabilities in SCORE_BINS equal-width bins over [0, 1]."""
+    counts, _ = np.histogram(score, bins=SCORE_BINS, range=(0.0, 1.0))
+    return counts.astype(int).tolist()
+
+
+def auc_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float:
+    """Pooled ROC AUC from per-class score histograms summed over sites (scikit-learn).
+
+    Equal to the AUC over pooled predictions up to ties inside one bin (width 1/SCORE_BINS).
+    """
+    hist_pos, hist_neg = np.asarray(hist_pos, float), np.asarray(hist_neg, float)
+    if hist_pos.sum() == 0 or hist_neg.sum() == 0:
+        return math.nan
+    centres = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
+    scores = np.concatenate([centres, centres])
+    labels = np.concatenate([np.ones(SCORE_BINS), np.zeros(SCORE_BINS)])
+    weights = np.concatenate([hist_pos, hist_neg])
+    keep = weights > 0
+    return float(roc_auc_score(labels[keep], scores[keep], sample_weight=weights[keep]))
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, Any]:
+    """Metrics of ``model`` on one loader (see ``classification_metrics``)."""
+    labels, probs, loss = predict(model, loader, device)
+    return classification_metrics(labels, probs, loss)
