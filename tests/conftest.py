@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data in ../shared/data, skipped (or failed in CI) when absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """``$FEDCLINIC_DATA_ROOT`` or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("FEDCLINIC_DATA_ROOT", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data root. Skips when absent; in CI (CI=true) its absence is a failure."""
+    root = data_root()
+    if not (root / "heart_disease").is_dir():
+        message = (
+            f"real data not found at {root}: put the shared data folder beside the repository "
+            "(../shared/data) or set FEDCLINIC_DATA_ROOT"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
