@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import SiteSession
-from tasks import engine
+from tasks import DataError, engine
 
 app = ClientApp()
 
@@ -32,9 +32,17 @@ def _model(session: SiteSession, msg: Message) -> torch.nn.Module:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the site's name, sizes, model facts and per-feature moments of its train split."""
-    session = SiteSession(msg, context.node_config)
-    site = session.raw_site()
+    """Report the site's name, sizes, model facts and per-feature moments of its train split.
+
+    A site whose data cannot be used answers with the reason instead of a traceback, so the
+    server can stop the run with one clear line per site.
+    """
+    try:
+        session = SiteSession(msg, context.node_config)
+        site = session.raw_site()
+    except (DataError, ValueError, KeyError) as err:
+        problem = ConfigRecord({"error": f"{type(err).__name__}: {err}"})
+        return Message(RecordDict({"site": problem}), reply_to=msg)
     facts = {
         "name": site.name,
         "num_train": site.num_train,

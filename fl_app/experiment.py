@@ -26,6 +26,7 @@ from fl_app.sites import (
     model_info,
     query_sites,
     wait_for_nodes,
+    wait_for_stable_nodes,
 )
 from tasks import get_task
 
@@ -41,13 +42,16 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     """Run the experiment described by the resolved ``cfg``; return its run folder."""
     seed_everything(int(cfg.seed))
     task = get_task(str(cfg.task.name))
-    run = RunFolder.create(cfg)
-    log(INFO, "fedclinic: task=%s strategy=%s privacy=%s rounds=%d; run folder %s",
-        cfg.task.name, cfg.strategy.name, cfg.privacy.name, cfg.num_rounds, run.path)
-
     expected = expected_num_sites(cfg, task)
-    nodes = wait_for_nodes(grid, expected, float(cfg.wait_for_nodes_s))
+    if expected is None:  # simulated partition: one site per connected SuperNode
+        nodes = wait_for_stable_nodes(grid, float(cfg.wait_for_nodes_s))
+        cfg.partition.num_sites = len(nodes)
+    else:
+        nodes = wait_for_nodes(grid, expected, float(cfg.wait_for_nodes_s))
     facts = query_sites(grid, cfg, nodes, float(cfg.round_timeout_s))
+    run = RunFolder.create(cfg)
+    log(INFO, "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
+        cfg.task.name, cfg.strategy.name, cfg.privacy.name, cfg.num_rounds, len(nodes), run.path)
     for f in facts:
         log(INFO, "  site %-12s train %5d  test %5d  (node %d)", f.name, f.num_train, f.num_test, f.node_id)
     stats = global_statistics(facts)

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fl_app.client_app import app as client_app
+from fl_app.config import ConfigError, compose_config
 from fl_app.experiment import run_experiment
 from fl_app.run_folder import RunFolder
 from fl_app.sites import expected_num_sites
 from tasks import get_task
 
 
+DEFAULT_SIMULATED_SITES = 3
+
+
 def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
     """Simulate one SuperNode per site for the resolved ``cfg``; return the run folder."""
     from flwr.simulation import run_simulation  # imports Ray: keep it off the module path
 
-    num_sites = expected_num_sites(cfg, get_task(str(cfg.task.name)))
+    num_sites = expected_num_sites(cfg, get_task(str(cfg.task.name))) or DEFAULT_SIMULATED_SITES
     folders: list[RunFolder] = []
     server = ServerApp()
 
@@ -42,3 +47,18 @@ def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
     if not folders:
         raise RuntimeError("the simulated ServerApp did not finish; see the log above")
     return folders[0]
+
+
+def num_supernodes(overrides: str) -> int:
+    """How many simulated SuperNodes an experiment needs (one per site)."""
+    cfg = compose_config(overrides)
+    return expected_num_sites(cfg, get_task(str(cfg.task.name))) or DEFAULT_SIMULATED_SITES
+
+
+if __name__ == "__main__":
+    # `python -m fl_app.simulation "<overrides>"` prints the SuperNodes needed (used by
+    # scripts/flwr_local.sh); a bad override ends here with one clear line.
+    try:
+        print(num_supernodes(sys.argv[1] if len(sys.argv) > 1 else ""))
+    except ConfigError as err:
+        sys.exit(f"fedclinic: {err}")

@@ -35,11 +35,25 @@ class SiteFacts:
     moments: dict[str, list[float]] | None
 
 
-def expected_num_sites(cfg: DictConfig, task: Task) -> int:
-    """``min_sites`` if set, else every site the task defines for this config."""
+def expected_num_sites(cfg: DictConfig, task: Task) -> int | None:
+    """``min_sites`` if set, else every site the task defines; None = one per SuperNode."""
     if cfg.get("min_sites"):
         return int(cfg.min_sites)
+    if not task.natural_sites and cfg.partition.get("num_sites") is None:
+        return None
     return len(task.site_names(cfg))
+
+
+def wait_for_stable_nodes(grid: Grid, timeout_s: float, settle_s: float = 3.0) -> list[int]:
+    """Wait for at least one SuperNode, then until the count holds for ``settle_s`` seconds."""
+    nodes = wait_for_nodes(grid, 1, timeout_s)
+    stable_since = time.monotonic()
+    while time.monotonic() - stable_since < settle_s:
+        time.sleep(0.5)
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, stable_since = now, time.monotonic()
+    return nodes
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
@@ -51,7 +65,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
         if len(nodes) >= expected:
             return nodes
         if len(nodes) != last:
-            log(INFO, "Waiting for sites: %d of %d SuperNodes connected", len(nodes), expected)
+            log(INFO, "Waiting for sites: %d of %d SuperNodes connected (in simulation, run "
+                "with --federation-config \"num-supernodes=%d\")", len(nodes), expected, expected)
             last = len(nodes)
         if time.monotonic() > deadline:
             raise FederationError(
@@ -68,19 +83,27 @@ def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float)
     record = RecordDict({"config": ConfigRecord({CONFIG_KEY: to_json(cfg)})})
     messages = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    problems, facts = [], []
+    problems: dict[str, list[int]] = {}  # reason -> nodes, so N identical errors read as one
+    facts = []
     answered = {r.metadata.src_node_id for r in replies}
-    problems += [f"node {n}: no reply within {timeout_s:.0f}s" for n in nodes if n not in answered]
+    for node in nodes:
+        if node not in answered:
+            problems.setdefault(f"no reply within {timeout_s:.0f}s", []).append(node)
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            problems.append(f"node {node}: {_last_line(reply.error.reason)}")
+            problems.setdefault(_last_line(reply.error.reason), []).append(node)
+            continue
+        if "error" in reply.content["site"]:
+            problems.setdefault(str(reply.content["site"]["error"]), []).append(node)
             continue
         data = json.loads(str(reply.content["site"]["facts"]))
         facts.append(SiteFacts(node, data["name"], data["num_train"], data["num_test"],
                                data["info"], data["moments"]))
     if problems:
-        raise FederationError("sites could not load their data:\n  " + "\n  ".join(problems))
+        lines = [f"{len(ids)} of {len(nodes)} SuperNodes (node {', '.join(map(str, ids))}): {why}"
+                 for why, ids in problems.items()]
+        raise FederationError("sites could not load their data:\n  " + "\n  ".join(lines))
     names = [f.name for f in facts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -115,4 +138,5 @@ def model_info(facts: list[SiteFacts]) -> dict[str, Any]:
 def _last_line(reason: str) -> str:
     """The exception line of a ClientApp error (not the traceback above it)."""
     lines = [line for line in str(reason).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else str(reason)
+    last = lines[-1] if lines else str(reason)
+    return last.split("Message: ", 1)[-1].rstrip("'>")

@@ -1,0 +1,82 @@
+"""Helpers shared by the deployment scripts: errors for people, Flower executables, files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Every process started by these scripts inherits this: the SuperLink would otherwise run
+# `uv sync` before each run and download the app's dependencies (torch with CUDA, ...).
+NO_RUNTIME_INSTALL_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+class DeployError(RuntimeError):
+    """A deployment step that cannot go on, with a message meant for the operator."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``message`` as one clear error (no traceback) and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower command (``flwr``, ``flower-superlink``, ...).
+
+    Prefer the one next to the running Python (the project's virtual environment), so the
+    scripts work without activating it; else search PATH.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(
+            f"'{name}' not found next to {sys.executable} or on PATH: install the project "
+            "(pip install -e .) or activate its virtual environment"
+        )
+    return found
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path`` resolved, or DeployError naming ``what`` is missing."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise DeployError(f"{what} not found: {path}")
+    return path.resolve()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret (private key) readable by its owner only (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)  # also when the file existed with wider permissions
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a public file (certificate, public key), mode 0644."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+
+
+def refuse_overwrite(paths: list[Path], force: bool) -> None:
+    """DeployError if any of ``paths`` exists and ``force`` is not set."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise DeployError(
+            f"{', '.join(existing)} already exist(s); pass --force to replace (see "
+            "docs/deployment.md, 'Rotating keys and certificates')"
+        )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (also ``[v6]:port``) -> (host, port); DeployError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DeployError(f"address '{address}' must be host:port, e.g. superlink.example.org:9093")
+    return host.strip("[]"), int(port)

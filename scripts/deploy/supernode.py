@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Start a hospital's SuperNode against the consortium SuperLink, with clear failure messages.
+
+    python scripts/deploy/supernode.py --superlink superlink.consortium.example:9092 \\
+        --ca certs/ca.crt --key keys/cleveland \\
+        --data-path /data/heart/processed.cleveland.data --site-name cleveland [--device cpu]
+
+Before starting ``flower-supernode`` it checks, in this order, and stops with one message
+naming the problem:
+1. the CA certificate, the private key (EC, OpenSSH format) and the data path exist;
+2. the SuperLink answers on host:port (retried up to ``--max-retries`` times within
+   ``--max-wait-time`` seconds) and its TLS certificate is signed by this CA and names the
+   host dialed (a mismatch is not retried: it will not fix itself).
+Then it runs ``flower-supernode`` with the same bounded retries, prints its log, and on exit
+explains Flower's error (key not registered, certificate, unreachable). Exit codes: Flower's
+own, or 2 (bad local setup), 3 (SuperLink unreachable), 4 (certificate mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DeployError, fail, flower_executable, require_file, split_address  # noqa: E402
+
+EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 2, 3, 4
+
+# Flower log text -> what it means for the hospital's IT team
+HINTS = (
+    ("[code: 2004]", "this SuperNode's key is not registered at the SuperLink (or was "
+     "unregistered). Send {pub} to the coordinating centre; they run `node_keys.py register`."),
+    ("[code: 2001]", "the SuperLink requires SuperNode authentication: start with --key."),
+    ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's certificate is not signed by {ca}: get the "
+     "current ca.crt from the coordinating centre."),
+    ("Unable to parse the private key", "{key} is not an EC private key in OpenSSH format "
+     "(create one with `node_keys.py create`)."),
+    ("Failed to initialize the connection", "the SuperNode could not connect to {superlink}: "
+     "check that the SuperLink runs and that outgoing TCP to that port is allowed."),
+)
+
+
+class Unreachable(DeployError):
+    """The SuperLink did not answer within the retry budget."""
+
+
+class CertificateMismatch(DeployError):
+    """The SuperLink answered with a certificate this CA does not vouch for."""
+
+
+def check_local_files(ca: Path, key: Path | None, data_path: Path) -> None:
+    """DeployError naming the first missing/unusable local file."""
+    require_file(ca, "CA certificate (--ca)")
+    if key is not None:
+        try:
+            private = load_ssh_private_key(require_file(key, "private key (--key)").read_bytes(),
+                                           None)
+        except ValueError:
+            raise DeployError(f"{key} is not a private key in OpenSSH format (create one with "
+                              "`node_keys.py create`)") from None
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
+            raise DeployError(f"{key} is not an EC key; SuperNode authentication needs EC P-384")
+    if not data_path.expanduser().exists():
+        raise DeployError(f"--data-path {data_path} does not exist on this machine")
+
+
+def probe_superlink(address: str, ca: Path, max_retries: int, max_wait_s: float) -> None:
+    """Open a TLS connection to ``address`` verified against ``ca``; raise on failure."""
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + max_wait_s
+    attempt, last_error = 0, ""
+    while True:
+        attempt += 1
+        try:
+            with socket.create_connection((host, port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as err:
+            raise CertificateMismatch(
+                f"the SuperLink at {address} presented a certificate that {ca} does not "
+                f"accept: {err.verify_message}. Get the current ca.crt from the coordinating "
+                "centre and dial the host name or IP written in the SuperLink's certificate."
+            ) from None
+        except ssl.SSLError as err:
+            raise CertificateMismatch(
+                f"TLS handshake with {address} failed ({err.reason or err}): is this the "
+                "SuperLink's HTTPS port?"
+            ) from None
+        except OSError as err:
+            last_error = f"{type(err).__name__}: {err}"
+        if attempt >= max_retries or time.monotonic() >= deadline:
+            raise Unreachable(
+                f"the SuperLink at {address} is unreachable after {attempt} tries in "
+                f"{max_wait_s:.0f}s (last error: {last_error}). Check the address, that the "
+                f"SuperLink runs, and that this hospital's firewall allows outgoing TCP to "
+                f"{host}:{port}."
+            )
+        time.sleep(min(2.0 * attempt, 10.0, max(0.0, deadline - time.monotonic())))
+
+
+def node_config(data_path: Path, site_name: str, device: str | None) -> str:
+    """The ``--node-config`` string: TOML values, quoted."""
+    items = {"data-path": str(data_path.expanduser().resolve()), "site-name": site_name}
+    if device:
+        items["device"] = device
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    """The ``flower-supernode`` command line."""
+    command = [
+        flower_executable("flower-supernode"),
+        "--superlink", args.superlink,
+        "--root-certificates", str(args.ca.expanduser().resolve()),
+        "--node-config", node_config(args.data_path, args.site_name, args.device),
+        "--max-retries", str(args.max_retries),
+        "--max-wait-time", str(args.max_wait_time),
+        "--host", args.runtime_host,
+        "--port", str(args.runtime_port),
+    ]
+    if args.key is not None:
+        command += ["--auth-supernode-private-key", str(args.key.expanduser().resolve())]
+    return command
+
+
+def run_supervised(command: list[str], hints: dict[str, str]) -> int:
+    """Run ``command``, echo its log, forward SIGTERM/SIGINT; explain a failure; return rc."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace", env=env)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    seen: list[str] = []
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        seen += [pattern for pattern, _ in HINTS if pattern in line]
+    rc = child.wait()
+    if rc != 0 and seen:
+        pattern = seen[0] if "[code: 2004]" not in seen else "[code: 2004]"
+        print(f"error: SuperNode stopped (exit code {rc}): {hints[pattern]}",
+              file=sys.stderr, flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--superlink", required=True, help="SuperLink host:port")
+    parser.add_argument("--ca", type=Path, required=True, help="consortium ca.crt")
+    parser.add_argument("--key", type=Path, default=None,
+                        help="this hospital's private key (node_keys.py create)")
+    parser.add_argument("--data-path", type=Path, required=True,
+                        help="this hospital's data (file or folder, per task)")
+    parser.add_argument("--site-name", required=True, help="this hospital's site name")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--max-retries", type=int, default=30,
+                        help="connection attempts before giving up (default 30)")
+    parser.add_argument("--max-wait-time", type=float, default=600.0,
+                        help="seconds of trying to connect before giving up (default 600)")
+    parser.add_argument("--runtime-host", default="127.0.0.1",
+                        help="local Runtime API bind address (default 127.0.0.1)")
+    parser.add_argument("--runtime-port", type=int, default=9094,
+                        help="local Runtime API port; distinct per SuperNode on one host")
+    parser.add_argument("--skip-probe", action="store_true",
+                        help="start flower-supernode without the TLS pre-check")
+    args = parser.parse_args(argv)
+    try:
+        check_local_files(args.ca, args.key, args.data_path)
+        if not args.skip_probe:
+            probe_superlink(args.superlink, args.ca.expanduser(), args.max_retries,
+                            args.max_wait_time)
+            print(f"SuperLink {args.superlink} reachable; its certificate matches {args.ca}",
+                  flush=True)
+        command = supernode_command(args)
+    except Unreachable as err:
+        fail(str(err), EXIT_UNREACHABLE)
+    except CertificateMismatch as err:
+        fail(str(err), EXIT_CERTIFICATE)
+    except DeployError as err:
+        fail(str(err), EXIT_SETUP)
+    pub = args.key.with_name(args.key.name + ".pub") if args.key else Path("<key>.pub")
+    hints = {p: h.format(pub=pub, ca=args.ca, key=args.key, superlink=args.superlink)
+             for p, h in HINTS}
+    raise SystemExit(run_supervised(command, hints))
+
+
+if __name__ == "__main__":
+    main()
