@@ -12,6 +12,15 @@ from pathlib import Path
 NO_RUNTIME_INSTALL_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: this Python's bin folder first on PATH, because the
+    SuperLink and SuperNode start ``flower-superexec``, ``flwr-serverapp`` and
+    ``flwr-clientapp`` by name; runtime dependency installation off."""
+    env = {**os.environ, **NO_RUNTIME_INSTALL_ENV, **(extra or {})}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 class DeployError(RuntimeError):
     """A deployment step that cannot go on, with a message meant for the operator."""
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DeployError, fail, require_file, split_address  # noqa: E402
+from _common import DeployError, fail, require_file, split_address
 
 
 def toml_snippet(name: str, address: str, ca_cert: Path) -> str:

@@ -20,7 +20,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    NO_RUNTIME_INSTALL_ENV,
+from _common import (
     DeployError,
     fail,
+    flower_env,
     flower_executable,
     refuse_overwrite,
     require_file,
@@ -72,7 +71,7 @@ def fingerprint(public_key: Path) -> str:
 
 
 def _flwr(args: list[str], flwr_home: Path | None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **NO_RUNTIME_INSTALL_ENV}
+    env = flower_env()
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return subprocess.run(

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     DeployError,
     fail,
     refuse_overwrite,
@@ -89,7 +89,9 @@ def create_ca(out: Path, common_name: str, days: int, force: bool = False) -> tu
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate(require_file(ca_dir / CA_CERT, "CA certificate").read_bytes())
+    cert = x509.load_pem_x509_certificate(
+        require_file(ca_dir / CA_CERT, "CA certificate").read_bytes()
+    )
     key = serialization.load_pem_private_key(
         require_file(ca_dir / CA_KEY, "CA private key").read_bytes(), password=None
     )
@@ -154,7 +156,9 @@ def issue_server_cert(
 
 def check_server_cert(certs: Path, hosts: list[str], ips: list[str]) -> list[str]:
     """Verify the SuperLink's certificate in ``certs``; return a description; DeployError if bad."""
-    ca = x509.load_pem_x509_certificate(require_file(certs / CA_CERT, "CA certificate").read_bytes())
+    ca = x509.load_pem_x509_certificate(
+        require_file(certs / CA_CERT, "CA certificate").read_bytes()
+    )
     cert = x509.load_pem_x509_certificate(
         require_file(certs / SERVER_CERT, "server certificate").read_bytes()
     )

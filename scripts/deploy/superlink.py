@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import NO_RUNTIME_INSTALL_ENV, DeployError, fail, flower_executable  # noqa: E402
-from pki import CA_CERT, SERVER_CERT, SERVER_KEY, check_server_cert  # noqa: E402
+from _common import DeployError, fail, flower_env, flower_executable
+from pki import CA_CERT, SERVER_CERT, SERVER_KEY, check_server_cert
 
 
 def superlink_command(
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.chdir(workdir)
     # exec: the SuperLink keeps this PID, so `kill <pid>` stops it gracefully
-    os.execve(command[0], command, {**os.environ, **NO_RUNTIME_INSTALL_ENV})
+    os.execve(command[0], command, flower_env())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import ssl
@@ -34,7 +33,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DeployError, fail, flower_executable, require_file, split_address  # noqa: E402
+from _common import (
+    DeployError,
+    fail,
+    flower_env,
+    flower_executable,
+    require_file,
+    split_address,
+)
 
 EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 2, 3, 4
 
@@ -138,7 +144,7 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
 
 def run_supervised(command: list[str], hints: dict[str, str]) -> int:
     """Run ``command``, echo its log, forward SIGTERM/SIGINT; explain a failure; return rc."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = flower_env({"PYTHONUNBUFFERED": "1"})
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", env=env)
 
