@@ -14,10 +14,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl_app.metrics import SITE_RECORD
-from fl_app.site_runtime import SiteSession
+from fl_app.site_runtime import CONFIG_KEY, SiteSession
+from strategies.central_dp import make_clipping_mod
+from strategies.site_privacy import SitePrivacy, weight_metrics
 from tasks import DataError, engine
 
 app = ClientApp()
+# central DP with client-side clipping: Flower's fixed/adaptive clipping mod, on train only
+central_dp_clipping_mod = make_clipping_mod(CONFIG_KEY)
 
 
 def _site_record(session: SiteSession) -> ConfigRecord:
@@ -53,9 +57,13 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": ConfigRecord({"facts": json.dumps(facts)})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the site's training split; reply with weights and metrics."""
+    """Train the global model on the site's training split; reply with weights and metrics.
+
+    Under differential privacy the site trains only while its budget lasts (else it answers
+    "budget_exhausted"), trains with DP-SGD for local DP, and reports its privacy spend.
+    """
     session = SiteSession(msg, context.node_config)
     site, cfg = session.site(), session.cfg
     model = _model(session, msg)
@@ -63,19 +71,27 @@ def train(msg: Message, context: Context) -> Message:
     loader = engine.make_loader(
         site.train, int(cfg.task.batch_size), shuffle=True, seed=int(cfg.seed) + server_round
     )
+    privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device)
+    if (refusal := privacy.refusal(msg.content["config"])) is not None:
+        content = privacy.refusal_reply(msg, refusal, {SITE_RECORD: _site_record(session)})
+        return Message(content, reply_to=msg)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=float(cfg.task.lr), momentum=float(cfg.task.momentum),
         weight_decay=float(cfg.task.weight_decay),
     )
+    model, optimizer, loader = privacy.private(model, optimizer, loader)
     result = engine.train(
         model, loader, epochs=int(cfg.task.local_epochs), optimizer=optimizer,
         device=session.device, proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        step_on_empty=privacy.step_on_empty,
     )
-    metrics = MetricRecord({"train_loss": result["train_loss"], "num-examples": site.num_train})
+    metrics = MetricRecord({"train_loss": result["train_loss"], "num-examples": site.num_train,
+                            **privacy.metrics()})
     content = RecordDict({
-        "arrays": ArrayRecord(model.cpu().state_dict()),
+        "arrays": ArrayRecord(privacy.state_dict(model)),
         "metrics": metrics,
         SITE_RECORD: _site_record(session),
+        **privacy.records(),
     })
     return Message(content, reply_to=msg)
 
@@ -87,6 +103,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = session.site()
     model = _model(session, msg)
     loader = engine.make_loader(site.test, 256, shuffle=False, seed=0)
-    metrics = engine.evaluate(model, loader, session.device)
+    metrics = engine.evaluate(model, loader, session.device) | weight_metrics(session.cfg)
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
     return Message(content, reply_to=msg)

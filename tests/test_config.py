@@ -1,0 +1,58 @@
+"""Config composition, bad overrides, and the JSON round trip to the sites."""
+
+from __future__ import annotations
+
+import pytest
+
+from fl_app.config import ConfigError, compose_config, from_json, to_json
+
+
+def test_default_config_is_the_embedded_breast_cancer_run() -> None:
+    cfg = compose_config("")
+    assert cfg.task.name == "breast_cancer"
+    assert cfg.strategy.name == "fedavg"
+    assert cfg.privacy.name == "none"
+    assert "hydra" not in cfg
+
+
+def test_overrides_select_groups_and_set_keys() -> None:
+    cfg = compose_config("task=heart_disease strategy=fedprox num_rounds=20 strategy.proximal_mu=0.5")
+    assert cfg.task.name == "heart_disease"
+    assert cfg.task.protocol == "flamby"
+    assert cfg.strategy.proximal_mu == 0.5
+    assert cfg.num_rounds == 20
+
+
+def test_quoted_values_with_spaces_survive() -> None:
+    cfg = compose_config("'output_dir=/tmp/with space'")
+    assert cfg.output_dir == "/tmp/with space"
+
+
+def test_unknown_group_option_names_the_valid_choices() -> None:
+    with pytest.raises(ConfigError, match=r"'task' must be one of: .*breast_cancer.*heart_disease"):
+        compose_config("task=lung_cancer")
+
+
+def test_unknown_key_is_named_with_the_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'num_round'.*num_rounds"):
+        compose_config("num_round=3")
+    with pytest.raises(ConfigError, match=r"unknown key 'task.learning_rate'.*lr"):
+        compose_config("task.learning_rate=0.1")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("num_rounds=abc", "num_rounds"), ("seed=1.5", "seed"), ("task.lr=fast", "task.lr")],
+)
+def test_wrong_type_is_rejected_with_key_and_expected_type(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}' expects"):
+        compose_config(override)
+
+
+def test_int_is_accepted_where_a_float_is_expected() -> None:
+    assert compose_config("task.lr=1").task.lr == 1
+
+
+def test_config_round_trips_through_json() -> None:
+    cfg = compose_config("task=heart_disease num_rounds=3")
+    assert from_json(to_json(cfg)) == cfg

@@ -1,0 +1,65 @@
+"""The strategy factory: Flower's strategies, weighted by the true number of examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+import strategies
+from fl_app.config import compose_config
+from fl_app.metrics import SiteMetricsCollector
+
+
+@pytest.fixture(autouse=True)
+def _run_identity():
+    """Messages need a run id; the ServerApp runtime sets it, here we do."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    fields = ("_run_id", "_node_id", "_task_id")
+    before = {f: getattr(TaskIdentity, f) for f in fields}
+    for f in fields:
+        setattr(TaskIdentity, f, 1)
+    yield
+    for f, value in before.items():
+        setattr(TaskIdentity, f, value)
+
+
+def _reply(weights: np.ndarray, num_examples: int, site: str, loss: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(weights)}),
+        "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples}),
+        "site": ConfigRecord({"name": site}),
+    })
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
+def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
+    strategy = strategies.build(compose_config(f"strategy={name}"), num_sites=4)
+    assert type(strategy) is cls
+    assert strategy.min_available_nodes == 4
+    if name == "fedprox":
+        assert strategy.proximal_mu == 0.1
+
+
+def test_aggregate_is_weighted_by_training_examples() -> None:
+    collector = SiteMetricsCollector()
+    strategy = strategies.build(compose_config(""), num_sites=3,
+                                train_metrics_aggr_fn=collector.train)
+    updates = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([4.0, 4.0])]
+    sizes = [10, 30, 60]
+    replies = [_reply(u, n, f"site-{i}", float(i)) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = sum(n * u for u, n in zip(updates, sizes, strict=True)) / sum(sizes)
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)
+    assert metrics["train_loss"] == pytest.approx((0 * 10 + 1 * 30 + 2 * 60) / 100)
+    assert collector.last_train["site-2"]["num-examples"] == 60
+
+
+def test_unknown_strategy_is_rejected() -> None:
+    cfg = compose_config("")
+    cfg.strategy.name = "fedsgd"
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
+        strategies.build(cfg, num_sites=2)
