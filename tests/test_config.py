@@ -56,3 +56,10 @@ def test_int_is_accepted_where_a_float_is_expected() -> None:
 def test_config_round_trips_through_json() -> None:
     cfg = compose_config("task=heart_disease num_rounds=3")
     assert from_json(to_json(cfg)) == cfg
+
+
+def test_experiment_preset_sets_groups_and_command_line_wins() -> None:
+    cfg = compose_config("experiment=heart_disease_fedprox_mlp num_rounds=5")
+    assert (cfg.task.name, cfg.task.model, cfg.strategy.name) == ("heart_disease", "mlp", "fedprox")
+    assert cfg.partition.name == "natural"
+    assert cfg.num_rounds == 5
