@@ -27,16 +27,22 @@ def build(
 ) -> Strategy:
     """Return the strategy for ``cfg.strategy`` over ``num_sites`` sites.
 
-    Every site must be connected before a round starts (``min_available_nodes``), and the
-    sampling fractions come from the config.
+    ``min_sites`` sites (default: all) must be connected before a round starts
+    (``min_available_nodes``), and the sampling fractions come from the config.
     """
     scfg = cfg.strategy
+    # Flower's sampler waits forever while fewer than min_available_nodes are connected, so
+    # never ask for more than the sites that must stay (min_sites; null = all). Dropouts below
+    # that are handled by fl_app.federation_guard, which ends the run instead of hanging.
+    min_nodes = min(num_sites, int(cfg.min_sites)) if cfg.get("min_sites") else num_sites
     common: dict[str, Any] = {
         "fraction_train": float(scfg.fraction_train),
         "fraction_evaluate": float(scfg.fraction_evaluate),
-        "min_train_nodes": max(1, round(float(scfg.fraction_train) * num_sites)),
-        "min_evaluate_nodes": max(1, round(float(scfg.fraction_evaluate) * num_sites)),
-        "min_available_nodes": num_sites,
+        "min_train_nodes": max(1, min(round(float(scfg.fraction_train) * num_sites), min_nodes)),
+        "min_evaluate_nodes": max(
+            1, min(round(float(scfg.fraction_evaluate) * num_sites), min_nodes)
+        ),
+        "min_available_nodes": min_nodes,
         "weighted_by_key": WEIGHT_KEY,
         "train_metrics_aggr_fn": train_metrics_aggr_fn,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
