@@ -33,6 +33,12 @@ def site_ref(cfg: DictConfig, task: Task, node_config: dict[str, Any]) -> SiteRe
         if not path.exists():
             raise DataError(f"node_config data-path '{path}' does not exist on this SuperNode")
         name = str(node_config.get("site-name") or path.stem)
+        if task.check_data_path is not None:
+            try:
+                task.check_data_path(path, name)
+            except DataError as err:  # say which task wanted what, then what the path holds
+                raise DataError(f"node_config data-path does not hold {task.name} data: "
+                                f"{err}") from None
         return SiteRef(name=name, data_path=path)
     if "partition-id" in node_config:
         names = task.site_names(cfg)

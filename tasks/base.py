@@ -83,6 +83,9 @@ class Task:
     apply_statistics: Callable[[SiteData, dict[str, Any] | None], SiteData] = _keep
     # Whether the task's sites are real (natural) rather than a simulated partition.
     natural_sites: bool = False
+    # Cheap check (path, site name) that a SuperNode's data-path holds this task's kind of
+    # data, run before loading; raises DataError (see tasks.data_checks). None: no check.
+    check_data_path: Callable[[Path, str], None] | None = None
 
 
 def pick_device(requested: str) -> torch.device:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from tasks import tabular
 from tasks.base import DataError, SiteData, SiteRef, Task
+from tasks.data_checks import describe_folder, first_data_line, kind_of_file
 
 # site name -> file name in the data folder
 SITE_FILES = {
@@ -125,6 +126,29 @@ def _site_path(cfg: DictConfig, site: SiteRef) -> Path:
     return folder / SITE_FILES[site.name]
 
 
+def check_data_path(path: Path, site_name: str) -> None:
+    """Cheap check that a SuperNode's data-path is a UCI heart-disease file (or a folder
+    holding this site's file); DataError saying what it holds instead."""
+    file = path
+    if path.is_dir():
+        expected = SITE_FILES.get(site_name)
+        if expected is None or not (path / expected).is_file():
+            raise DataError(
+                f"{path} is a folder holding {describe_folder(path)}; heart_disease needs the "
+                f"hospital's UCI file ({expected or 'processed.<site>.data'}, "
+                f"{len(COLUMNS)} comma-separated values per line) or a folder holding it"
+            )
+        file = path / expected
+    kind = kind_of_file(file)
+    if kind != "text":
+        raise DataError(f"{file} is {'an' if kind[0] in 'aei' else 'a'} {kind} file; "
+                        "heart_disease needs the UCI processed.*.data text file")
+    cells = first_data_line(file).split(",")
+    if len(cells) != len(COLUMNS):
+        raise DataError(f"{file}: the first line has {len(cells)} comma-separated values; "
+                        f"heart_disease expects {len(COLUMNS)} ({', '.join(COLUMNS)})")
+
+
 def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
     """Read, encode and split one hospital's patients (before federated standardisation)."""
     table = read_site_file(_site_path(cfg, site))
@@ -142,4 +166,5 @@ TASK = Task(
     local_statistics=tabular.local_statistics,
     apply_statistics=tabular.apply_statistics,
     natural_sites=True,
+    check_data_path=check_data_path,
 )
