@@ -168,7 +168,7 @@ def load_image(path: Path, size: Size | None = None) -> np.ndarray:
     ``tasks.dicom.load_dicom``. ``size`` resizes with area averaging (an exact block mean for
     integer factors, like PIL's BOX filter used for the shipped npz files).
     """
-    from monai.transforms import ScaleIntensity
+    from monai.transforms import ScaleIntensity, ScaleIntensityRange
 
     path = Path(path)
     if not path.is_file():
@@ -188,7 +188,7 @@ def load_image(path: Path, size: Size | None = None) -> np.ndarray:
         if raw.ndim != 2:
             raise DataError(f"{path}: decoded to shape {raw.shape}; expected a 2D image")
         if raw.dtype == np.uint8:
-            pixels = raw.astype(np.float32) / 255.0
+            pixels = np.asarray(ScaleIntensityRange(0.0, 255.0, 0.0, 1.0)(raw.astype(np.float32)))
         else:
             pixels = np.asarray(ScaleIntensity(minv=0.0, maxv=1.0)(raw.astype(np.float32)))
     if size is not None:
@@ -368,7 +368,11 @@ def _scan_class_folders(
     for label, name in enumerate(classes_out):
         for path in sorted((folder / name).rglob("*")):
             suffix = path.suffix.lower()
-            if path.is_file() and (suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES):
+            # DICOM exports often have no extension at all (IM0001): recognise them by content.
+            known = suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES
+            if path.is_file() and not path.name.startswith(".") and (
+                known or (suffix == "" and is_dicom(path))
+            ):
                 rows.append(_Row(path=path, label=label, where=str(path)))
     if not rows:
         raise DataError(f"{folder}: the class sub-folders hold no images")

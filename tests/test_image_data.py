@@ -385,3 +385,16 @@ def test_manifest_problems_in_header_and_sizes(shared_data, tmp_path):
     manifest = _write_manifest(tmp_path / "labels.csv", entries)
     with pytest.raises(DataError, match=r"images differ in size .* pass size="):
         load_folder(tmp_path, manifest)
+
+
+def test_load_folder_finds_dicom_without_extension(shared_data, tmp_path):
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "abnormal").mkdir()
+    shutil.copy(shared_data / "dicom/nih_cxr14_DX_no_finding.dcm", tmp_path / "normal" / "IM0001")
+    shutil.copy(shared_data / "dicom/nema_wg04_RG1_chest_CR_4x_uncompressed.dcm",
+                tmp_path / "abnormal" / "IM0002")
+    (tmp_path / "normal" / "README").write_text("export notes, not an image")
+    data = load_folder(tmp_path, classes=["normal", "abnormal"], size=(64, 60))
+    assert data.images.shape == (2, 1, 64, 60) and data.labels.tolist() == [0, 1]
+    direct = load_image(shared_data / "dicom/nema_wg04_RG1_chest_CR_4x_uncompressed.dcm")
+    np.testing.assert_allclose(data.images[1, 0], resize(direct, (64, 60)), atol=1e-6)
