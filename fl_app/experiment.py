@@ -18,6 +18,7 @@ import strategies
 from fl_app.config import to_json
 from fl_app.metrics import SiteMetricsCollector, public_site_metrics
 from fl_app.plots import plot_rounds
+from fl_app.privacy_ledger import PrivacyLedger
 from fl_app.run_folder import RunFolder
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
@@ -28,6 +29,7 @@ from fl_app.sites import (
     wait_for_nodes,
     wait_for_stable_nodes,
 )
+from strategies.budget import PrivacyStop
 from tasks import get_task
 
 
@@ -67,7 +69,10 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         cfg, len(facts),
         train_metrics_aggr_fn=collector.train,
         evaluate_metrics_aggr_fn=collector.evaluate,
+        node_sites={f.node_id: f.name for f in facts},
     )
+    ledger = PrivacyLedger(run, cfg, strategy)
+    latest = {"arrays": ArrayRecord(model.state_dict())}  # the model after the last round
     record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
     site_names = [f.name for f in facts]
     history: list[dict[str, Any]] = []
@@ -75,6 +80,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        latest["arrays"] = arrays
+        ledger.flush()
         line = _round_line(server_round, collector, site_names)
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
@@ -83,16 +90,22 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         collector.reset()
         return None
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(cfg.num_rounds),
-        timeout=float(cfg.round_timeout_s),
-        train_config=ConfigRecord(dict(record)),
-        evaluate_config=ConfigRecord(dict(record)),
-        evaluate_fn=end_of_round,
-    )
-    _finish(run, cfg, result.arrays, history)
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=latest["arrays"],
+            num_rounds=int(cfg.num_rounds),
+            timeout=float(cfg.round_timeout_s),
+            train_config=ConfigRecord(dict(record)),
+            evaluate_config=ConfigRecord(dict(record)),
+            evaluate_fn=end_of_round,
+        )
+        final = result.arrays
+    except PrivacyStop as stop:  # too few sites with privacy budget left: a clean, early end
+        log(INFO, "fedclinic: stopping after %d round(s): %s", len(history), stop)
+        final = latest["arrays"]
+    ledger.flush()
+    _finish(run, cfg, final, history, ledger)
     return run
 
 
@@ -125,7 +138,8 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
 
 
-def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[dict[str, Any]]) -> None:
+def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[dict[str, Any]],
+            ledger: PrivacyLedger) -> None:
     """Write the final model, summary and plot; print where the run folder is."""
     run.save_model("final_model.pt", arrays.to_torch_state_dict())
     last = history[-1] if history else {"pooled": {}, "per_site": {}}
@@ -133,7 +147,7 @@ def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[
     summary = {
         "task": cfg.task.name,
         "strategy": cfg.strategy.name,
-        "privacy": cfg.privacy.name,
+        "privacy": ledger.summary(),
         "rounds_completed": len(history),
         "pooled": last["pooled"],
         "per_site": last["per_site"],
@@ -146,4 +160,5 @@ def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[
                     f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}")
     log(INFO, "fedclinic: mean per-site accuracy %s, pooled AUC %s",
         _fmt(summary["mean_site_accuracy"]), _fmt(last["pooled"].get("auc")))
+    ledger.log_final(summary["privacy"])
     log(INFO, "fedclinic: run folder: %s", run.path)

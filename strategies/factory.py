@@ -13,6 +13,9 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
+from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
+from strategies.privacy import wrap_strategy
+
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
 WEIGHT_KEY = "num-examples"
@@ -24,8 +27,25 @@ def build(
     *,
     train_metrics_aggr_fn: MetricsAggregator | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+    node_sites: dict[int, str] | None = None,
 ) -> Strategy:
-    """Return the strategy for ``cfg.strategy`` over ``num_sites`` sites.
+    """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.privacy``.
+
+    Differential privacy (``strategies.privacy.wrap_strategy``) wraps the aggregator: Flower's
+    central-DP wrapper for ``central_dp``, and a budget guard that writes the privacy ledger
+    for both DP mechanisms. ``node_sites`` maps node ids to site names (for the ledger).
+    """
+    base = _aggregator(cfg, num_sites, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
+    return wrap_strategy(base, cfg, num_sites, node_sites)
+
+
+def _aggregator(
+    cfg: DictConfig,
+    num_sites: int,
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
+    evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+) -> Strategy:
+    """Return the aggregating strategy for ``cfg.strategy`` over ``num_sites`` sites.
 
     ``min_sites`` sites (default: all) must be connected before a round starts
     (``min_available_nodes``), and the sampling fractions come from the config.
@@ -43,7 +63,8 @@ def build(
             1, min(round(float(scfg.fraction_evaluate) * num_sites), min_nodes)
         ),
         "min_available_nodes": min_nodes,
-        "weighted_by_key": WEIGHT_KEY,
+        # central DP averages sites with equal weight (its noise assumes that); see budget.py
+        "weighted_by_key": UNIFORM_WEIGHT_KEY if mechanism(cfg) == "central_dp" else WEIGHT_KEY,
         "train_metrics_aggr_fn": train_metrics_aggr_fn,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
     }

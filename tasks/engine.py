@@ -38,11 +38,14 @@ def train(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     proximal_mu: float = 0.0,
+    step_on_empty: bool = False,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` local epochs; return mean loss and examples seen.
 
     With ``proximal_mu`` > 0 the FedProx proximal term towards the weights the model had on
-    entry (the global model) is added to every batch's loss.
+    entry (the global model) is added to every batch's loss. With ``step_on_empty`` (DP-SGD)
+    an empty Poisson batch still makes an optimizer step: Opacus then adds noise only and its
+    accountant counts the step, as the privacy analysis of Poisson-sampled DP-SGD assumes.
     """
     model.to(device).train()
     criterion = nn.CrossEntropyLoss()
@@ -50,11 +53,11 @@ def train(
     total_loss, total_examples = 0.0, 0
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+            if len(y) == 0 and not step_on_empty:  # Poisson sampling can draw an empty batch
                 continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            loss = criterion(model(x), y)
+            loss = criterion(model(x), y) if len(y) else model(x).sum() * 0.0
             objective = loss + proximal_term(model, global_params, proximal_mu) if proximal_mu else loss
             objective.backward()
             optimizer.step()

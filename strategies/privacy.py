@@ -1,0 +1,348 @@
+"""Server side of privacy: budgets, exclusion, central accounting and the ledger lines.
+
+``wrap_strategy`` is what the strategy factory calls. For ``local_dp`` it wraps the base
+strategy in a ``PrivacyGuard``; for ``central_dp`` it first wraps it with Flower's DP wrapper
+(``strategies.central_dp``) and then with the guard. The guard
+
+- collects each site's reported spend (local DP) or composes the central mechanism's
+  epsilon per site with an Opacus accountant (central DP),
+- drops sites whose budget is exhausted (they answered "budget_exhausted") from every later
+  training round, and stops the run (``PrivacyStop``) when fewer than
+  ``privacy.budget.min_sites`` sites have budget left,
+- keeps one ledger line per site per round for ``privacy_ledger.jsonl``.
+
+Central DP accounting model (stated in docs/privacy.md): each round is one Gaussian release
+with the wrapper's noise multiplier and sensitivity ``clipping_norm / m`` (m = number of
+updates averaged, treated as public); site sampling is modelled as Poisson sampling with
+rate q = (sites sampled per round) / (sites connected), composed over rounds with Opacus's
+accountant. With every site in every round (the default) q = 1: no amplification is claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from strategies.accounting import AccountantState, Step, add_steps
+from strategies.budget import (
+    CENTRAL_EPSILON_NEXT_KEY,
+    LEDGER_KEYS,
+    STATUS_ERROR,
+    STATUS_EXCLUDED,
+    STATUS_EXHAUSTED,
+    STATUS_NO_REPLY,
+    STATUS_NOT_SAMPLED,
+    STATUS_TRAINED,
+    PrivacyConfigError,
+    PrivacyStop,
+    check_privacy_config,
+    min_sites,
+    read_spend,
+    site_budget,
+)
+from strategies.central_dp import accounted_noise_multiplier, build_central_dp
+
+SITE_RECORD = "site"  # ConfigRecord {"name": site} in every reply (fl_app.metrics.SITE_RECORD)
+
+
+def sample_size(strategy: Strategy, num_nodes: int) -> int:
+    """How many nodes FedAvg's ``configure_train`` samples out of ``num_nodes``."""
+    fraction = float(getattr(strategy, "fraction_train", 1.0))
+    least = int(getattr(strategy, "min_train_nodes", 1))
+    return min(num_nodes, max(int(num_nodes * fraction), least))
+
+
+def wrap_strategy(base: Strategy, cfg: DictConfig, num_sites: int,
+                  node_sites: dict[int, str] | None = None) -> Strategy:
+    """``base`` wrapped for ``cfg.privacy`` (unchanged when privacy is off)."""
+    mech = check_privacy_config(cfg)
+    if mech == "none":
+        return base
+    if mech == "local_dp" and float(cfg.strategy.get("proximal_mu", 0.0) or 0.0) > 0:
+        # Opacus replaces each gradient by its clipped, noised per-sample version, so the
+        # proximal term's gradient would be silently dropped
+        raise PrivacyConfigError(
+            "privacy=local_dp does not support strategy.proximal_mu > 0 (DP-SGD drops the "
+            "FedProx term); use strategy=fedavg"
+        )
+    if min_sites(cfg) > num_sites:
+        raise PrivacyConfigError(
+            f"privacy.budget.min_sites={min_sites(cfg)} but the federation has {num_sites} sites"
+        )
+    inner = base
+    if mech == "central_dp":
+        inner = build_central_dp(base, cfg, sample_size(base, num_sites))
+    return PrivacyGuard(inner, cfg, node_sites or {})
+
+
+class PrivacyGuard(Strategy):
+    """Budget-aware wrapper: exclusion of exhausted sites, central accounting, ledger lines."""
+
+    def __init__(self, strategy: Strategy, cfg: DictConfig, node_sites: dict[int, str]) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.cfg = cfg
+        self.mechanism = check_privacy_config(cfg)
+        self.central = self.mechanism == "central_dp"
+        self.accountant = str(cfg.privacy.accountant)
+        self.delta = float(cfg.privacy.target_delta)
+        self.min_sites = min_sites(cfg)
+        self.node_sites = dict(node_sites)
+        self.sites: list[str] = sorted(set(self.node_sites.values()))
+        self.excluded: dict[str, str] = {}  # site -> why (budget exhausted in round r ...)
+        self.last_spend: dict[str, dict[str, Any]] = {}  # local DP: latest report per site
+        self.rounds_trained: dict[str, int] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None
+        # central DP: the mechanism's own history and each site's (frozen once excluded)
+        self.noise_multiplier = accounted_noise_multiplier(cfg) if self.central else None
+        self.central_state = self._new_state()
+        self.site_states: dict[str, AccountantState] = {s: self._new_state() for s in self.sites}
+        self._sampled: set[str] = set()
+        self._eligible_at_start: set[str] = set()
+        self._round_q = 1.0
+        self._round_clip: float | None = None
+
+    # ----- helpers ---------------------------------------------------------------------------
+
+    def _new_state(self) -> AccountantState:
+        return AccountantState(self.accountant, self.delta, self.noise_multiplier)
+
+    @property
+    def base(self) -> Strategy:
+        """The aggregating strategy under the DP wrapper."""
+        return getattr(self.strategy, "strategy", self.strategy) if self.central else self.strategy
+
+    def eligible(self) -> list[str]:
+        """Sites that still have budget (not excluded)."""
+        return [s for s in self.sites if s not in self.excluded]
+
+    def _site_of(self, node_id: int, content: Any = None) -> str:
+        if node_id not in self.node_sites and content is not None and SITE_RECORD in content:
+            self.node_sites[node_id] = str(content[SITE_RECORD]["name"])
+        name = self.node_sites.get(node_id, f"node-{node_id}")
+        if name not in self.sites:
+            self.sites.append(name)
+            self.site_states[name] = self._new_state()
+        return name
+
+    def _stop(self, server_round: int, why: str) -> None:
+        self.stop_reason = f"round {server_round}: {why}"
+        log(WARNING, "privacy: stopping the run: %s", self.stop_reason)
+        raise PrivacyStop(self.stop_reason)
+
+    def _line(self, site: str, server_round: int, status: str, steps: int,
+              **fields: Any) -> dict[str, Any]:
+        line: dict[str, Any] = dict.fromkeys(LEDGER_KEYS)
+        line.update(site=site, round=server_round, mechanism=self.mechanism, delta=self.delta,
+                    accountant=self.accountant, steps=steps, status=status)
+        if self.central:
+            line.update(noise_multiplier=self.noise_multiplier, clipping_norm=self._round_clip,
+                        sample_rate=self._round_q, epsilon=self.site_states[site].epsilon())
+        elif site in self.last_spend:
+            spend = self.last_spend[site]
+            own = ("site", "round", "steps")
+            line.update({k: spend[k] for k in LEDGER_KEYS if k in spend and k not in own})
+        else:
+            line["epsilon"] = 0.0
+        line.update(fields)
+        return line
+
+    def pop_ledger(self) -> list[dict[str, Any]]:
+        """Ledger lines gathered since the last call (one per site per round)."""
+        lines, self.pending = self.pending, []
+        return lines
+
+    # ----- training ----------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample as the base strategy does, minus the sites whose budget is exhausted."""
+        for node in grid.get_node_ids():
+            self._site_of(node)
+        eligible = self.eligible()
+        if len(eligible) < self.min_sites:
+            self._stop(server_round, f"{len(eligible)} site(s) with privacy budget left, fewer "
+                       f"than privacy.budget.min_sites={self.min_sites}")
+        self._eligible_at_start = set(eligible)
+        if self.central:
+            nodes = len(list(grid.get_node_ids()))
+            self._round_q = sample_size(self.base, nodes) / max(nodes, 1)
+            self._round_clip = float(self.strategy.clipping_norm)  # type: ignore[attr-defined]
+            # the epsilon each site would have spent once this round's aggregate is released
+            config[CENTRAL_EPSILON_NEXT_KEY] = max(
+                self.site_states[s].epsilon_after(self.noise_multiplier, self._round_q, 1)
+                for s in eligible
+            )
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        keep = []
+        for msg in messages:
+            site = self._site_of(msg.metadata.dst_node_id)
+            if site in self.excluded:
+                log(INFO, "privacy: not asking %s to train (%s)", site, self.excluded[site])
+            else:
+                keep.append(msg)
+        self._sampled = {self._site_of(m.metadata.dst_node_id) for m in keep}
+        if self.central:
+            self._server_side_budget_check(server_round)
+        return keep
+
+    def _server_side_budget_check(self, server_round: int) -> None:
+        # With site sampling (q < 1) a site that is not sampled still has the round counted
+        # (amplification covers its chance of having been sampled), so the server applies
+        # the configured budget to it before the round: it cannot answer for itself.
+        for site in sorted(self._eligible_at_start - self._sampled):
+            projected = self.site_states[site].epsilon_after(
+                float(self.noise_multiplier), self._round_q, 1
+            )
+            budget = site_budget(self.cfg, site)
+            if budget.exceeded_by(projected):
+                self.excluded[site] = (
+                    f"budget exhausted before round {server_round}: epsilon would reach "
+                    f"{projected:.4f} > {budget.epsilon} (server-side check)"
+                )
+                self._eligible_at_start.discard(site)
+                log(WARNING, "privacy: %s excluded: %s", site, self.excluded[site])
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Keep exhausted sites out of the aggregate, account for the round, log its lines."""
+        lines: dict[str, dict[str, Any]] = {}
+        passed: list[Message] = []
+        trained: list[str] = []
+        replied: set[str] = set()
+        for reply in replies:
+            site = self._site_of(reply.metadata.src_node_id,
+                                 None if reply.has_error() else reply.content)
+            replied.add(site)
+            if reply.has_error():
+                lines[site] = self._line(site, server_round, STATUS_ERROR, 0)
+                passed.append(reply)  # Flower's own handling of failed replies applies
+                continue
+            spend = read_spend(reply.content)
+            if spend is None:
+                lines[site] = self._line(site, server_round, STATUS_ERROR, 0)
+                log(WARNING, "privacy: %s replied without a privacy report; its update is "
+                    "dropped (is it running this ClientApp version?)", site)
+                continue
+            if not self.central:
+                self.last_spend[site] = spend
+            if spend["status"] == STATUS_EXHAUSTED:
+                self.excluded[site] = f"budget exhausted in round {server_round}: " + str(
+                    spend.get("reason", "")
+                )
+                self._eligible_at_start.discard(site)
+                log(WARNING, "privacy: %s stops training: %s", site, self.excluded[site])
+                lines[site] = self._line(site, server_round, STATUS_EXHAUSTED, 0,
+                                         reason=self.excluded[site])
+                continue
+            self.rounds_trained[site] = self.rounds_trained.get(site, 0) + 1
+            trained.append(site)
+            passed.append(reply)
+        for site in self._sampled - replied:
+            lines[site] = self._line(site, server_round, STATUS_NO_REPLY, 0)
+
+        if len(self.eligible()) < self.min_sites:
+            for site in trained:  # a local-DP site that trained has released its update
+                steps = 0 if self.central else int(self.last_spend[site]["steps"])
+                lines[site] = self._line(site, server_round, STATUS_TRAINED, steps,
+                                         reason="run stopped before aggregation")
+            self._add_lines(server_round, lines, released=False)
+            self._stop(server_round, f"{len(self.eligible())} site(s) with privacy budget "
+                       f"left, fewer than privacy.budget.min_sites={self.min_sites}")
+
+        if self.central:
+            # the noise is calibrated to the number of updates actually averaged
+            ok = sum(1 for r in passed if not r.has_error())
+            self.strategy.num_sampled_clients = max(ok, 1)  # type: ignore[attr-defined]
+        arrays, metrics = self.strategy.aggregate_train(server_round, passed)
+        released = self.central and arrays is not None
+        if released:
+            self.central_state.history = self._step(self.central_state)
+            for site in self._eligible_at_start:
+                self.site_states[site].history = self._step(self.site_states[site])
+        for site in trained:
+            steps = (1 if released else 0) if self.central else int(self.last_spend[site]["steps"])
+            lines[site] = self._line(site, server_round, STATUS_TRAINED, steps)
+        self._add_lines(server_round, lines, released)
+        return arrays, metrics
+
+    def _step(self, state: AccountantState) -> list[Step]:
+        return add_steps(state.history, float(self.noise_multiplier), self._round_q, 1)
+
+    def _add_lines(self, server_round: int, lines: dict[str, dict[str, Any]],
+                   released: bool) -> None:
+        for site in self.sites:
+            if site in lines:
+                line = lines[site]
+            elif site in self.excluded:
+                line = self._line(site, server_round, STATUS_EXCLUDED, 0,
+                                  reason=self.excluded[site])
+            else:
+                stepped = self.central and released and site in self._eligible_at_start
+                line = self._line(site, server_round, STATUS_NOT_SAMPLED, int(stepped))
+            if self.central:  # epsilon after this round's release (if any)
+                line["epsilon"] = self.site_states[site].epsilon()
+            self.pending.append(line)
+
+    # ----- evaluation and reporting --------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every site evaluates, exhausted ones too (its test split is not its training data)."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The wrapped strategy's evaluation aggregate."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the privacy settings, then the wrapped strategy's summary."""
+        log(INFO, "\t├──> Privacy: %s (accountant %s, delta %g, min sites %d)",
+            self.mechanism, self.accountant, self.delta, self.min_sites)
+        self.strategy.summary()
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """Final (epsilon, delta) per site and, for central DP, of the mechanism."""
+        per_site: dict[str, Any] = {}
+        for site in self.sites:
+            if self.central:
+                eps = self.site_states[site].epsilon()
+            else:
+                eps = float(self.last_spend.get(site, {}).get("epsilon", 0.0))
+            per_site[site] = {
+                "epsilon": eps, "delta": self.delta,
+                "rounds_trained": self.rounds_trained.get(site, 0),
+                "status": "budget_exhausted" if site in self.excluded else "active",
+                "budget_epsilon": site_budget(self.cfg, site).epsilon,
+            }
+            if site in self.excluded:
+                per_site[site]["reason"] = self.excluded[site]
+        out: dict[str, Any] = {
+            "name": str(self.cfg.privacy.name), "mechanism": self.mechanism,
+            "accountant": self.accountant, "delta": self.delta, "per_site": per_site,
+            "central": None, "stopped_early": self.stop_reason,
+        }
+        if self.central:
+            out["central"] = {
+                "epsilon": self.central_state.epsilon(), "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier,
+                "releases": sum(int(s[2]) for s in self.central_state.history),
+                "history": [list(s) for s in self.central_state.history],
+                "clipping": str(self.cfg.privacy.clipping),
+                "adaptive": bool(self.cfg.privacy.adaptive),
+                "final_clipping_norm": float(self.strategy.clipping_norm),  # type: ignore[attr-defined]
+            }
+        return out
