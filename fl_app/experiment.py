@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 import strategies
 from fl_app.config import to_json
+from fl_app.federation_guard import FederationGuard, SiteFailure
 from fl_app.metrics import SiteMetricsCollector, public_site_metrics
 from fl_app.plots import plot_rounds
 from fl_app.privacy_ledger import PrivacyLedger
@@ -72,6 +73,12 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         node_sites={f.node_id: f.name for f in facts},
     )
     ledger = PrivacyLedger(run, cfg, strategy)
+    # Rounds see only the sites queried above, and a hospital that drops out never hangs the
+    # server: on_site_failure decides between going on (while min_sites remain) and stopping.
+    guard = FederationGuard(grid, {f.node_id: f.name for f in facts},
+                            int(cfg.min_sites or len(facts)), float(cfg.wait_for_nodes_s),
+                            str(cfg.get("on_site_failure", "continue")))
+    stopped: SiteFailure | None = None
     latest = {"arrays": ArrayRecord(model.state_dict())}  # the model after the last round
     record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
     site_names = [f.name for f in facts]
@@ -92,7 +99,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
 
     try:
         result = strategy.start(
-            grid=grid,
+            grid=guard,
             initial_arrays=latest["arrays"],
             num_rounds=int(cfg.num_rounds),
             timeout=float(cfg.round_timeout_s),
@@ -104,9 +111,24 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     except PrivacyStop as stop:  # too few sites with privacy budget left: a clean, early end
         log(INFO, "fedclinic: stopping after %d round(s): %s", len(history), stop)
         final = latest["arrays"]
+    except SiteFailure as failure:  # a hospital dropped out: end cleanly, keep what was done
+        log(ERROR, "fedclinic: stopping after %d round(s): %s", len(history), failure)
+        final, stopped = latest["arrays"], failure
     ledger.flush()
-    _finish(run, cfg, final, history, ledger)
+    _finish(run, cfg, final, history, ledger, _outcome(guard, stopped))
+    if stopped is not None:
+        raise SiteFailure(f"{stopped}. The {len(history)} completed round(s) are in {run.path}")
     return run
+
+
+def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, Any]:
+    """summary.json keys on how the run ended and which sites failed when."""
+    return {
+        "status": "stopped" if stopped is not None else "completed",
+        "stop_reason": None if stopped is None else str(stopped),
+        "sites": sorted(guard.sites.values()),
+        "site_failures": guard.failure_log(),
+    }
 
 
 def _round_line(server_round: int, collector: SiteMetricsCollector, sites: list[str]) -> dict[str, Any]:
@@ -139,7 +161,7 @@ def _fmt(value: Any) -> str:
 
 
 def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[dict[str, Any]],
-            ledger: PrivacyLedger) -> None:
+            ledger: PrivacyLedger, outcome: dict[str, Any] | None = None) -> None:
     """Write the final model, summary and plot; print where the run folder is."""
     run.save_model("final_model.pt", arrays.to_torch_state_dict())
     last = history[-1] if history else {"pooled": {}, "per_site": {}}
@@ -149,6 +171,7 @@ def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[
         "strategy": cfg.strategy.name,
         "privacy": ledger.summary(),
         "rounds_completed": len(history),
+        **(outcome or {"status": "completed"}),
         "pooled": last["pooled"],
         "per_site": last["per_site"],
         "mean_site_accuracy": float(np.mean(accuracies)) if accuracies else None,
