@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fl_app.config import to_json
 from fl_app.site_runtime import CONFIG_KEY
+from fl_app.watched_grid import error_reason
 from tasks import Task
 from tasks.federated_stats import combine_moments
 
@@ -92,7 +93,7 @@ def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float)
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            problems.setdefault(_last_line(reply.error.reason), []).append(node)
+            problems.setdefault(error_reason(reply.error.reason), []).append(node)
             continue
         if "error" in reply.content["site"]:
             problems.setdefault(str(reply.content["site"]["error"]), []).append(node)
@@ -133,10 +134,3 @@ def model_info(facts: list[SiteFacts]) -> dict[str, Any]:
                 "every site must hold data of the same task and shape"
             )
     return facts[0].info
-
-
-def _last_line(reason: str) -> str:
-    """The exception line of a ClientApp error (not the traceback above it)."""
-    lines = [line for line in str(reason).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else str(reason)
-    return last.split("Message: ", 1)[-1].rstrip("'>")
