@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from fl_app.run_folder import atomic_write_bytes
 
@@ -22,14 +23,16 @@ def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     for ax, key in zip(axes, PLOTTED, strict=True):
         sites = sorted({s for line in history for s in line.get("per_site", {})})
         for site in sites:
-            xs = [h["round"] for h in history if site in h.get("per_site", {})]
-            ys = [_value(h["per_site"][site].get(key)) for h in history if site in h.get("per_site", {})]
+            rounds = [h for h in history if site in h.get("per_site", {})]
+            xs = [h["round"] for h in rounds]
+            ys = [_value(h["per_site"][site].get(key)) for h in rounds]
             ax.plot(xs, ys, marker=".", linewidth=1, label=site)
         xs = [h["round"] for h in history]
         ax.plot(xs, [_value(h.get("pooled", {}).get(key)) for h in history],
                 color="black", linewidth=2.5, label="pooled")
         ax.set_title(key)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
