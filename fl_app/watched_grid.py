@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
-from flwr.common.typing import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 
 def error_reason(reason: str) -> str:
@@ -33,14 +33,18 @@ class WatchedGrid(Grid):
         """Send, wait for replies, and record the nodes that failed or stayed silent."""
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        # Map replies to nodes through the message they answer: the SuperLink's own "node
+        # unavailable" reply (a SuperNode that died) comes from the SuperLink, not the node.
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        by_node = {dst_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r
+                   for r in replies}
         failures = {
-            m.metadata.dst_node_id: "no reply before the round timeout (disconnected?)"
-            for m in messages if m.metadata.dst_node_id not in answered
+            node: "no reply before the round timeout (disconnected?)"
+            for node in dst_of.values() if node not in by_node
         }
-        for reply in replies:
+        for node, reply in by_node.items():
             if reply.has_error():
-                failures[reply.metadata.src_node_id] = error_reason(reply.error.reason)
+                failures[node] = error_reason(reply.error.reason)
         for kind in {m.metadata.message_type for m in messages}:
             self.failures[kind] = failures
         return replies
