@@ -15,6 +15,7 @@ connects later has no place in this run's statistics and model facts).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -185,5 +186,13 @@ class FederationGuard(Grid):
 
 
 def _last_line(reason: str) -> str:
+    """The exception line of an error reason (a ClientApp traceback ends with the exception
+    and sometimes extra detail lines), else its last line."""
     lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
     return lines[-1] if lines else str(reason)
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Failure)\b.*:")
