@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
@@ -36,7 +37,14 @@ def epsilon(history: list[Step], delta: float, name: str) -> float:
     """Epsilon spent by ``history`` at ``delta`` (0 for an empty history)."""
     if not history or total_steps(history) == 0:
         return 0.0
-    return float(make_accountant(name, history).get_epsilon(delta=delta))
+    key = tuple((float(n), float(q), int(s)) for n, q, s in history)
+    return _epsilon(key, float(delta), name)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[Step, ...], delta: float, name: str) -> float:
+    # cached: central DP asks for the same history once per site and round
+    return float(make_accountant(name, list(history)).get_epsilon(delta=delta))
 
 
 def add_steps(history: list[Step], noise_multiplier: float, sample_rate: float,

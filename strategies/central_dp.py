@@ -14,11 +14,18 @@ are used as they are, with two corrections that the accounting depends on:
   scaled to the NEXT round's norm while the updates were clipped to this round's. We scale
   it to the norm the updates of this round were clipped to (else the effective noise
   multiplier drifts below the configured one whenever the norm shrinks).
+- Adaptive clipping's direction: Flower 1.42's Message-API wrappers and mod count CLIPPED
+  updates but apply Andrew et al.'s rule, written for the fraction of UNCLIPPED updates
+  (Flower's legacy DPFedAvgAdaptive sends ``norm_bit = not clipped``), so the norm shrank when
+  every update was clipped and diverged from its target. We apply the rule to the unclipped
+  fraction: the norm tracks the ``target_clipped_quantile`` quantile of the update norms
+  (0.5 = the median). The privacy cost is unchanged (same noisy count).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from logging import INFO
 from typing import Any
@@ -39,7 +46,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_stdv
 from omegaconf import DictConfig
 
-from strategies.budget import PrivacyConfigError
+from strategies.budget import STATUS_EXHAUSTED, PrivacyConfigError, read_spend
 
 
 class _RoundNoise:
@@ -79,8 +86,23 @@ class _RoundNoise:
         return ArrayRecord(noisy)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
-        # adaptive clipping's noisy count of unclipped updates, from the same secret generator
+        # adaptive clipping's noisy count of clipped updates, from the same secret generator
         return float(self.rng.normal(count, self.clipped_count_stddev)) / float(total)
+
+
+class _QuantileTracking:
+    """Mixin for Flower's adaptive wrappers: Andrew et al.'s update on the unclipped fraction."""
+
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        # C <- C * exp(-lr * (unclipped - gamma)): grows while too many updates are clipped
+        unclipped = 1.0 - clipped_fraction
+        self.clipping_norm *= math.exp(
+            -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
+        )
 
 
 class ServerSideFixedClipping(_RoundNoise, DifferentialPrivacyServerSideFixedClipping):
@@ -91,11 +113,15 @@ class ClientSideFixedClipping(_RoundNoise, DifferentialPrivacyClientSideFixedCli
     """Flower's client-side fixed clipping (sites run ``fixedclipping_mod``) with secret noise."""
 
 
-class ServerSideAdaptiveClipping(_RoundNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+class ServerSideAdaptiveClipping(
+    _RoundNoise, _QuantileTracking, DifferentialPrivacyServerSideAdaptiveClipping
+):
     """Flower's server-side adaptive clipping; noise scaled to the round's own norm."""
 
 
-class ClientSideAdaptiveClipping(_RoundNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientSideAdaptiveClipping(
+    _RoundNoise, _QuantileTracking, DifferentialPrivacyClientSideAdaptiveClipping
+):
     """Flower's client-side adaptive clipping (``adaptiveclipping_mod``); round-norm noise."""
 
 
@@ -165,7 +191,13 @@ def make_clipping_mod(config_key: str) -> Mod:
         ):
             return call_next(msg, ctxt)
         mod = adaptiveclipping_mod if privacy.get("adaptive") else fixedclipping_mod
-        return mod(msg, ctxt, call_next)
+        reply = call_next(msg, ctxt)
+        spend = None if reply.has_error() else read_spend(reply.content)
+        if spend is not None and spend.get("status") == STATUS_EXHAUSTED:
+            # a site that did not train sends no update (Flower's clipping would divide
+            # by its zero norm); the server drops the reply anyway
+            return reply
+        return mod(msg, ctxt, lambda _msg, _ctxt: reply)
 
     return central_dp_clipping_mod
 

@@ -153,7 +153,6 @@ class LocalDPRound:
         if self.state.noise_multiplier is None:
             self.state.noise_multiplier = self._noise_multiplier()
         self.noise_multiplier = float(self.state.noise_multiplier)
-        self.epsilon_before = self.state.epsilon()
         self.engine: PrivacyEngine | None = None
 
     def _load_state(self) -> AccountantState:
@@ -193,7 +192,7 @@ class LocalDPRound:
 
     def refused(self) -> bool:
         """Whether training this round would exceed the site's budget."""
-        return self.budget.exceeded_by(self.projected_epsilon)
+        return self.budget.epsilon is not None and self.budget.exceeded_by(self.projected_epsilon)
 
     def make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer
                      ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:

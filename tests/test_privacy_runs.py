@@ -1,0 +1,143 @@
+"""Whole runs (Flower simulation, four real heart-disease hospitals) with privacy budgets.
+
+Each run is checked against predictions made here with Opacus directly: which round each
+hospital stops in, the epsilon in every ledger line, and when the run must end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fl_app.config import compose_config
+from fl_app.simulation import simulate
+from strategies.budget import LEDGER_KEYS
+from tasks import SiteRef, get_task
+
+DELTA = 1e-5
+SIGMA, BUDGET, MIN_SITES = 1.5, 5.0, 2
+
+
+def rdp_epsilon(noise: float, q: float, steps: int) -> float:
+    acc = RDPAccountant()
+    acc.history = [(noise, q, steps)]
+    return acc.get_epsilon(delta=DELTA)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_ledger_keys(lines: list[dict]) -> None:
+    for line in lines:  # exactly the interface keys, plus status (and why a site stopped)
+        assert set(line) - {"status", "reason"} == set(LEDGER_KEYS), line
+
+
+@pytest.fixture(scope="module")
+def local_run(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local_dp")
+    cfg = compose_config(
+        f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} privacy=local_dp "
+        f"privacy.noise_multiplier={SIGMA} privacy.target_epsilon=null "
+        f"privacy.budget.epsilon={BUDGET} privacy.budget.min_sites={MIN_SITES} "
+        f"num_rounds=10 output_dir={out}"
+    )
+    return cfg, simulate(cfg, num_cpus=2).path
+
+
+def predicted_local(cfg) -> dict[str, tuple[float, int, int]]:
+    """Per hospital: (sample rate, steps per round, last round within the budget)."""
+    task = get_task("heart_disease")
+    out = {}
+    for i, name in enumerate(task.site_names(cfg)):
+        n = task.load_site(cfg, SiteRef(name, index=i)).num_train
+        batches = int(1 / (1 / math.ceil(n / 16)))  # Opacus's Poisson loader length
+        q, steps = 1 / batches, 5 * batches
+        last = 0
+        while rdp_epsilon(SIGMA, q, steps * (last + 1)) <= BUDGET:
+            last += 1
+        out[name] = (q, steps, last)
+    return out
+
+
+def test_local_dp_sites_stop_on_the_predicted_round_and_the_run_ends_cleanly(local_run):
+    cfg, run_dir = local_run
+    plan = predicted_local(cfg)
+    # with sigma 1.5 and epsilon 5 the four hospitals stop at different rounds
+    assert sorted(p[2] for p in plan.values()) == [0, 1, 3, 4]
+    stop = next(r for r in range(1, 12) if sum(p[2] >= r for p in plan.values()) < MIN_SITES)
+    lines = read_lines(run_dir / "privacy_ledger.jsonl")
+    check_ledger_keys(lines)
+    assert len(lines) == 4 * stop  # one line per site per round, the stopping round included
+    by = {(x["site"], x["round"]): x for x in lines}
+    for site, (q, steps, last) in plan.items():
+        for r in range(1, stop + 1):
+            line = by[(site, r)]
+            if r <= last:
+                assert line["status"] == "trained", line
+                assert line["steps"] == steps and line["sample_rate"] == pytest.approx(q)
+                assert line["noise_multiplier"] == SIGMA and line["mechanism"] == "local_dp"
+                assert line["epsilon"] == pytest.approx(rdp_epsilon(SIGMA, q, steps * r),
+                                                        abs=1e-6)
+            elif r == last + 1:
+                assert line["status"] == "budget_exhausted", line
+                assert line["steps"] == 0 and "budget 5.0" in line["reason"]
+            else:
+                assert line["status"] == "excluded" and line["steps"] == 0
+    # epsilon grows with the rounds (rounds 1 and 3 of the hospitals that trained that long)
+    cleveland = [by[("cleveland", r)]["epsilon"] for r in (1, 2, 3)]
+    assert cleveland[0] < cleveland[1] < cleveland[2]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == stop - 1
+    assert len(read_lines(run_dir / "metrics.jsonl")) == stop - 1
+    assert (run_dir / "final_model.pt").is_file()
+    privacy = summary["privacy"]
+    assert privacy["mechanism"] == "local_dp" and "min_sites=2" in privacy["stopped_early"]
+    for site, (q, steps, last) in plan.items():
+        final = privacy["per_site"][site]
+        assert final["epsilon"] == pytest.approx(
+            rdp_epsilon(SIGMA, q, steps * last) if last else 0.0, abs=1e-6)
+        assert final["epsilon"] <= BUDGET and final["delta"] == DELTA
+    assert summary["per_site"]  # evaluation of the rounds that completed is kept
+
+
+@pytest.fixture(scope="module")
+def central_run(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("central_dp")
+    cfg = compose_config(
+        f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} "
+        "privacy=central_dp_adaptive privacy.noise_multiplier=1.0 privacy.budget.epsilon=8.0 "
+        f"num_rounds=5 output_dir={out}"
+    )
+    return cfg, simulate(cfg, num_cpus=2).path
+
+
+def test_central_dp_client_side_adaptive_run_accounts_and_stops_at_the_budget(central_run):
+    _, run_dir = central_run
+    eps = [rdp_epsilon(1.0, 1.0, r) for r in (1, 2, 3)]
+    assert eps[1] <= 8.0 < eps[2]  # the third release would break the budget
+    lines = read_lines(run_dir / "privacy_ledger.jsonl")
+    check_ledger_keys(lines)
+    assert len(lines) == 4 * 3
+    for line in lines:
+        assert line["mechanism"] == "central_dp" and line["sample_rate"] == 1.0
+        assert line["noise_multiplier"] == 1.0 and line["accountant"] == "rdp"
+        if line["round"] <= 2:
+            assert line["status"] == "trained" and line["steps"] == 1
+            assert line["epsilon"] == pytest.approx(eps[line["round"] - 1], abs=1e-6)
+        else:  # each hospital refuses the release that would exceed its budget
+            assert line["status"] == "budget_exhausted" and line["steps"] == 0
+            assert line["epsilon"] == pytest.approx(eps[1], abs=1e-6)
+    norms = [x["clipping_norm"] for x in lines if x["site"] == "cleveland"]
+    assert norms[0] == pytest.approx(0.1) and norms[1] != norms[0]  # adaptive clipping
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    central = summary["privacy"]["central"]
+    assert central["epsilon"] == pytest.approx(eps[1], abs=1e-6) and central["releases"] == 2
+    assert central["clipping"] == "client" and central["adaptive"] is True
+    assert all(s["epsilon"] <= 8.0 for s in summary["privacy"]["per_site"].values())
