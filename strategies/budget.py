@@ -149,7 +149,7 @@ def site_budget(cfg: DictConfig, site: str, node_config: dict[str, Any] | None =
     """
     p = cfg.privacy
     budget = p.get("budget", None)
-    delta = float(p.target_delta)
+    delta = float(p.get("target_delta", None) or 0.0)
     eps: float | None = None
     if budget is not None:
         eps = None if budget.get("epsilon") is None else float(budget.epsilon)

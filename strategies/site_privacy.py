@@ -41,10 +41,11 @@ class SitePrivacy:
                  device: torch.device | None = None) -> None:
         self.cfg, self.site = cfg, site
         self.mechanism = mechanism(cfg)
-        self.budget = site_budget(cfg, site, dict(context.node_config))
+        self.budget = (site_budget(cfg, site, dict(context.node_config))
+                       if self.mechanism != "none" else None)
         self.local = (
             LocalDPRound(cfg, site, context, loader, self.budget, device=device)
-            if self.mechanism == "local_dp" else None
+            if self.mechanism == "local_dp" and self.budget is not None else None
         )
         self._central_epsilon: float | None = None
 
@@ -57,7 +58,7 @@ class SitePrivacy:
         """The "budget exhausted" report when this round would exceed the budget, else None."""
         if self.local is not None:
             return self.local.refusal() if self.local.refused() else None
-        if self.mechanism == "central_dp" and CENTRAL_EPSILON_NEXT_KEY in config:
+        if self.budget is not None and CENTRAL_EPSILON_NEXT_KEY in config:
             self._central_epsilon = float(config[CENTRAL_EPSILON_NEXT_KEY])
             if self.budget.exceeded_by(self._central_epsilon):
                 return {

@@ -218,3 +218,12 @@ def test_bad_privacy_settings_name_the_key(shared_data):
         wrap_strategy(None, heart_cfg(shared_data, "strategy=fedprox"), 4)  # type: ignore[arg-type]
     with pytest.raises(PrivacyConfigError, match="min_sites"):
         wrap_strategy(None, heart_cfg(shared_data, "privacy.budget.min_sites=5"), 4)  # type: ignore[arg-type]
+
+
+def test_without_privacy_the_site_trains_as_before(shared_data):
+    cfg = compose_config(f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} "
+                         "num_rounds=2")
+    site = Site(cfg, index=0)
+    spend, reply = site.train_round(1)
+    assert spend is None and "privacy" not in reply.content  # no report, no DP, no refusal
+    assert "dp-weight" not in reply.content["metrics"]
