@@ -186,13 +186,25 @@ class FederationGuard(Grid):
 
 
 def _last_line(reason: str) -> str:
-    """The exception line of an error reason (a ClientApp traceback ends with the exception
-    and sometimes extra detail lines), else its last line."""
-    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    """One line saying why a site failed.
+
+    A ClientApp exception reaches the server as ``<class 'pkg.SomeError'>:<'message'>``
+    (flwr.supernode.runtime.run_clientapp), where the message may span lines; return
+    ``SomeError: <first line of the message>``. Other reasons (e.g. the SuperLink's "Node
+    Unavailable") are returned as their exception-like line, else their last line.
+    """
+    text = str(reason).strip()
+    match = _CLIENTAPP_ERROR.search(text)
+    if match:
+        message = match.group(2).split("Message: ", 1)[-1]
+        first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+        return f"{match.group(1).rsplit('.', 1)[-1]}: {first}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if _EXCEPTION_LINE.match(line):
             return line
-    return lines[-1] if lines else str(reason)
+    return lines[-1] if lines else text
 
 
+_CLIENTAPP_ERROR = re.compile(r"<class '([\w.]+)'>:<'(.*)'>\s*$", re.DOTALL)
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Failure)\b.*:")
