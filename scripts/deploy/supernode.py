@@ -19,12 +19,16 @@ own, or 2 (bad local setup), 3 (SuperLink unreachable), 4 (certificate mismatch)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -43,6 +47,7 @@ from _common import (
 )
 
 EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 2, 3, 4
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 # Flower log text -> what it means for the hospital's IT team
 HINTS = (
@@ -142,8 +147,51 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _become_subreaper() -> bool:
+    """Linux: adopt orphaned descendants, so Flower's helper processes that outlive the
+    SuperNode (its flower-superexec) can be stopped here instead of lingering."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> list[int]:
+    """PIDs whose parent is this process (read from /proc)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == os.getpid() and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_leftovers(grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, the adopted helpers still running after the SuperNode ended."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while _children() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)
+            time.sleep(0.1)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
 def run_supervised(command: list[str], hints: dict[str, str]) -> int:
     """Run ``command``, echo its log, forward SIGTERM/SIGINT; explain a failure; return rc."""
+    adopted = _become_subreaper()
     env = flower_env({"PYTHONUNBUFFERED": "1"})
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", env=env)
@@ -154,14 +202,24 @@ def run_supervised(command: list[str], hints: dict[str, str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     seen: list[str] = []
-    assert child.stdout is not None
-    for line in child.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        seen += [pattern for pattern, _ in HINTS if pattern in line]
+
+    def echo() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            seen.extend(pattern for pattern, _ in HINTS if pattern in line)
+
+    # Read in a thread: Flower's helpers inherit the pipe and may keep it open after the
+    # SuperNode itself has exited, so end-of-file is no sign that it stopped.
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
     rc = child.wait()
+    if adopted:
+        _stop_leftovers()
+    reader.join(timeout=2.0)
     if rc != 0 and seen:
-        pattern = seen[0] if "[code: 2004]" not in seen else "[code: 2004]"
+        pattern = next(p for p, _ in HINTS if p in seen)  # HINTS is in order of precedence
         print(f"error: SuperNode stopped (exit code {rc}): {hints[pattern]}",
               file=sys.stderr, flush=True)
     return rc
