@@ -118,6 +118,12 @@ def check_privacy_config(cfg: DictConfig) -> str:
             raise PrivacyConfigError(
                 f"privacy.budget.delta must be in (0, 1), got {budget.delta!r}"
             )
+        if (mech == "central_dp" and budget.get("delta") is not None
+                and float(budget.delta) != float(delta)):
+            # the server composes central DP at target_delta; one delta keeps the check honest
+            raise PrivacyConfigError(
+                "central_dp: privacy.budget.delta must be null or equal privacy.target_delta"
+            )
         if int(budget.get("min_sites", 1)) < 1:
             raise PrivacyConfigError("privacy.budget.min_sites must be at least 1")
         for site, item in (budget.get("per_site") or {}).items():
