@@ -27,4 +27,12 @@ def main(grid: Grid, context: Context) -> None:
         run_experiment(grid, cfg)
     except USER_ERRORS as err:
         log(ERROR, "fedclinic: %s", err)
-        raise SystemExit(1) from None
+        # An Exception, not SystemExit: Flower's flwr-serverapp/flwr-simulation catch only
+        # Exception, and only then flush the run's last log lines and report the run as failed
+        # (with this message as its status detail in `flwr ls`). SystemExit skipped both, so
+        # `flwr run --stream` lost the final lines and waited for a heartbeat timeout.
+        raise RunAborted(str(err)) from None
+
+
+class RunAborted(RuntimeError):
+    """The experiment could not run as configured (the reason was logged just before)."""

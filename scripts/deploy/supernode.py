@@ -48,6 +48,7 @@ from _common import (
 
 EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 2, 3, 4
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+FORWARD_DELAY_S = 3.0
 
 # Flower log text -> what it means for the hospital's IT team
 HINTS = (
@@ -197,7 +198,17 @@ def run_supervised(command: list[str], hints: dict[str, str]) -> int:
                              text=True, errors="replace", env=env)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        child.send_signal(signum)
+        # A stop request often reaches the whole process group (systemd, Ctrl-C, kill -- -PGID),
+        # i.e. the SuperNode too. Flower restores the default handler after the first signal,
+        # so a second one would kill it before it deactivates at the SuperLink: forward only
+        # if it is still running a moment later (e.g. `docker stop` signals PID 1 alone).
+        def later() -> None:
+            try:
+                child.wait(timeout=FORWARD_DELAY_S)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signum)
+
+        threading.Thread(target=later, daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
