@@ -1,0 +1,174 @@
+"""scripts/deploy without a running federation: certificates, keys, connection entry, checks.
+
+Each script runs as a subprocess, as an operator would run it; the results are verified with
+the ``cryptography`` package and with Flower's own loaders (the ones flower-supernode and the
+flwr CLI use), and the ClientApp's data-path check runs on the real shared data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "scripts" / "deploy"
+
+
+def _run(script: str, *args: object, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(DEPLOY / f"{script}.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and a SuperLink certificate for link.example.org / 10.1.2.3."""
+    out = tmp_path_factory.mktemp("certs")
+    assert _run("pki", "ca", "--out", out).returncode == 0
+    done = _run("pki", "server", "--ca-dir", out, "--out", out,
+                "--host", "link.example.org", "--ip", "10.1.2.3")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_server_certificate_is_signed_by_the_ca_and_names_host_and_ip(certs: Path) -> None:
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if not
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
+    assert server.public_key().curve.name == "secp384r1"
+    for secret in ("ca.key", "server.key"):
+        assert stat.S_IMODE((certs / secret).stat().st_mode) == 0o600
+
+
+def test_check_rejects_a_name_the_certificate_does_not_cover(certs: Path) -> None:
+    ok = _run("pki", "check", "--certs", certs, "--host", "link.example.org", "--ip", "10.1.2.3")
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = _run("pki", "check", "--certs", certs, "--host", "other.example.org")
+    assert bad.returncode == 2
+    assert "does not cover other.example.org" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_check_rejects_a_certificate_from_another_ca(certs: Path, tmp_path: Path) -> None:
+    assert _run("pki", "ca", "--out", tmp_path, "--name", "other").returncode == 0
+    (tmp_path / "server.pem").write_bytes((certs / "server.pem").read_bytes())
+    (tmp_path / "server.key").write_bytes((certs / "server.key").read_bytes())
+    bad = _run("pki", "check", "--certs", tmp_path)
+    assert bad.returncode == 2 and "is not signed by" in bad.stderr
+
+
+def test_existing_ca_is_not_overwritten_without_force(certs: Path) -> None:
+    before = (certs / "ca.key").read_bytes()
+    again = _run("pki", "ca", "--out", certs)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (certs / "ca.key").read_bytes() == before
+
+
+def test_node_key_is_ec_p384_openssh_and_loads_like_flower_does(tmp_path: Path) -> None:
+    done = _run("node_keys", "create", "--out", tmp_path, "--site", "cleveland")
+    assert done.returncode == 0, done.stderr
+    private = tmp_path / "cleveland"
+    # exactly how flower-supernode reads --auth-supernode-private-key
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    # exactly how `flwr supernode register` reads the public key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert try_load_public_key(tmp_path / "cleveland.pub")
+    fingerprint = _run("node_keys", "fingerprint", tmp_path / "cleveland.pub").stdout.strip()
+    assert fingerprint.startswith("SHA256:") and fingerprint in done.stdout
+
+
+def test_connection_entry_is_read_back_by_the_flwr_cli(certs: Path, tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    done = _run("connection", "--name", "consortium", "--address", "link.example.org:9092",
+                "--ca", certs / "ca.crt", "--flwr-home", home)
+    assert done.returncode == 0, done.stderr
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "from flwr.cli.flower_config import read_superlink_connection as r; "
+         "c = r('consortium'); print(c.address, c.root_certificates, c.insecure)"],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "FLWR_HOME": str(home)},
+    )
+    assert probe.stdout.split() == ["link.example.org:9092", str((certs / "ca.crt").resolve()),
+                                    "False"]
+    printed = _run("connection", "--name", "consortium", "--address", "link.example.org:9092",
+                   "--ca", certs / "ca.crt", "--print")
+    assert printed.stdout.startswith("[superlink.consortium]\n")
+
+
+def test_submit_requires_an_absolute_output_dir() -> None:
+    for overrides, expected in (("task=heart_disease", "set output_dir=/absolute/path"),
+                                ("task=heart_disease output_dir=runs", "must be absolute")):
+        done = _run("submit", "--overrides", overrides, "--connection", "nowhere")
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+
+
+def test_supernode_launcher_reports_missing_files_and_unreachable_superlink(
+    certs: Path, tmp_path: Path
+) -> None:
+    missing = _run("supernode", "--superlink", "127.0.0.1:9", "--ca", tmp_path / "nope.crt",
+                   "--data-path", tmp_path, "--site-name", "x")
+    assert missing.returncode == 2 and "CA certificate (--ca) not found" in missing.stderr
+    with socket.socket() as sock:  # a port nothing listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    unreachable = _run("supernode", "--superlink", f"127.0.0.1:{port}", "--ca", certs / "ca.crt",
+                       "--data-path", tmp_path, "--site-name", "x",
+                       "--max-retries", "2", "--max-wait-time", "3")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert "unreachable after 2 tries" in unreachable.stderr
+    assert f"firewall allows outgoing TCP to 127.0.0.1:{port}" in unreachable.stderr
+
+
+def test_heart_disease_site_refuses_image_data(shared_data: Path) -> None:
+    """The ClientApp's check on node_config data-path: the wrong task's data is refused
+    before anything loads, naming what the path holds."""
+    from fl_app.config import compose_config
+    from fl_app.site_runtime import site_ref
+    from tasks import DataError, get_task
+
+    cfg = compose_config("task=heart_disease")
+    task = get_task("heart_disease")
+    ok = site_ref(cfg, task, {"data-path": str(shared_data / "heart_disease" /
+                                              "processed.va.data"), "site-name": "va"})
+    assert ok.name == "va"
+    for path, says in ((shared_data / "chest_xray" / "pneumoniamnist.npz", "is an array file"),
+                       (shared_data / "chest_xray" / "samples", "3 .jpeg"),
+                       (shared_data / "README.md", "expects 14")):
+        with pytest.raises(DataError, match="does not hold heart_disease data") as err:
+            site_ref(cfg, task, {"data-path": str(path), "site-name": "va"})
+        assert says in str(err.value)
+    with pytest.raises(DataError, match="does not exist on this SuperNode"):
+        site_ref(cfg, task, {"data-path": "/nonexistent/x.data", "site-name": "va"})
+
+
+def test_image_check_refuses_tabular_data(shared_data: Path) -> None:
+    from tasks import DataError
+    from tasks.data_checks import check_image_source
+
+    check_image_source(shared_data / "chest_xray" / "pneumoniamnist.npz", "a")
+    check_image_source(shared_data / "chest_xray" / "samples", "a")
+    with pytest.raises(DataError, match="is a text file"):
+        check_image_source(shared_data / "heart_disease" / "processed.va.data", "a")
+    with pytest.raises(DataError, match=r"holds no image files \(4 .data\)"):
+        check_image_source(shared_data / "heart_disease", "a")
