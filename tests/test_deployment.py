@@ -204,3 +204,22 @@ def test_on_site_failure_stop_ends_the_run_with_a_clear_message(
     assert rc == 0  # flwr run --stream itself ended normally; the run's end is in the log
     assert fed.runner.procs["superlink"].poll() is None, "the SuperLink must keep running"
     assert fed.runner.procs[HOSPITALS[0]].poll() is None, "other hospitals keep running"
+
+
+def test_a_removed_hospital_is_refused(federation: Federation) -> None:
+    """Removing a hospital (docs/deployment.md): unregister its key; its SuperNode can then
+    no longer join."""
+    fed = federation
+    fed.script("node_keys", "create", "--out", fed.keys, "--site", "leaver")
+    fed.register(["leaver"])
+    out = fed.script("node_keys", "unregister", "--site", "leaver", "--connection", "fedclinic",
+                     "--registry", fed.keys / "registry.json")
+    assert f"unregistered SuperNode {fed.node_ids['leaver']}" in out
+    assert "leaver" not in json.loads((fed.keys / "registry.json").read_text())
+    proc = fed.start_supernode("leaver", "leaver",
+                               data_path=fed.data_dir / "processed.va.data",
+                               extra=["--max-retries", "1"])
+    rc = _wait_exit(proc, 90)
+    log = fed.runner.log("leaver")
+    assert rc != 0 and "SuperNode ID:" not in log, log
+    assert "key is not registered at the SuperLink" in log, log

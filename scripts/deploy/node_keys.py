@@ -10,8 +10,8 @@ At the coordinating centre (with the hospital's .pub, fingerprint confirmed out 
     python scripts/deploy/node_keys.py fingerprint keys/cleveland.pub
 
 ``register``/``unregister`` call ``flwr supernode register|unregister`` and keep a small
-``registry.json`` (site -> node id, fingerprint) next to the public key so that a hospital can
-be removed by name.
+``registry.json`` (site -> node id, fingerprint; default: next to the public key, or
+``--registry``) so that a hospital can be removed by name.
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def _flwr(args: list[str], flwr_home: Path | None) -> subprocess.CompletedProces
     )
 
 
-def _registry(public_key: Path) -> tuple[Path, dict[str, dict[str, object]]]:
-    path = public_key.parent / REGISTRY
+def _registry(path: Path) -> tuple[Path, dict[str, dict[str, object]]]:
     return path, (json.loads(path.read_text()) if path.is_file() else {})
 
 
-def register(public_key: Path, connection: str, site: str | None, flwr_home: Path | None) -> int:
+def register(public_key: Path, connection: str, site: str | None, flwr_home: Path | None,
+             registry_file: Path | None = None) -> int:
     """Register ``public_key`` with the SuperLink of ``connection``; return the node id."""
     public_key = require_file(public_key, "SuperNode public key")
     site = site or public_key.name.removesuffix(".pub")
@@ -99,7 +99,7 @@ def register(public_key: Path, connection: str, site: str | None, flwr_home: Pat
         detail = reply.get("error") or (done.stdout + done.stderr).strip()
         raise DeployError(f"`flwr supernode register` failed for {public_key}: {detail}")
     node_id = int(reply["node-id"])
-    path, registry = _registry(public_key)
+    path, registry = _registry(registry_file or public_key.parent / REGISTRY)
     registry[site] = {"node_id": node_id, "public_key": public_key.name,
                       "fingerprint": fingerprint(public_key)}
     path.write_text(json.dumps(registry, indent=2) + "\n")
@@ -107,11 +107,11 @@ def register(public_key: Path, connection: str, site: str | None, flwr_home: Pat
 
 
 def unregister(
-    connection: str, node_id: int | None, site: str | None, keys_dir: Path,
+    connection: str, node_id: int | None, site: str | None, registry_file: Path,
     flwr_home: Path | None,
 ) -> int:
     """Unregister a SuperNode by node id or by site name (looked up in registry.json)."""
-    path, registry = _registry(keys_dir / "x.pub")
+    path, registry = _registry(registry_file)
     if node_id is None:
         if site not in registry:
             raise DeployError(f"site '{site}' is not in {path}; pass --node-id "
@@ -145,10 +145,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--site", default=None, help="site name (default: key file name)")
         if name == "register":
             p.add_argument("public_key", type=Path)
+            p.add_argument("--registry", type=Path, default=None,
+                           help="registry file (default: registry.json beside the key)")
         else:
             p.add_argument("--node-id", type=int, default=None)
-            p.add_argument("--keys-dir", type=Path, default=Path("keys"),
-                           help="folder holding registry.json (default: keys)")
+            p.add_argument("--registry", type=Path, default=Path("keys") / REGISTRY,
+                           help="registry file (default: keys/registry.json)")
     p_fp = sub.add_parser("fingerprint", help="print a public key's SHA256 fingerprint")
     p_fp.add_argument("public_key", type=Path)
     args = parser.parse_args(argv)
@@ -159,13 +161,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"public key:  {public}  (send to the coordinating centre)")
             print(f"fingerprint: {fingerprint(public)}  (confirm it by phone)")
         elif args.command == "register":
-            node_id = register(args.public_key, args.connection, args.site, args.flwr_home)
+            node_id = register(args.public_key, args.connection, args.site, args.flwr_home,
+                               args.registry)
             print(f"registered {args.public_key} ({fingerprint(args.public_key)}) as SuperNode "
                   f"{node_id}")
         elif args.command == "unregister":
             if args.node_id is None and args.site is None:
                 raise DeployError("give --site or --node-id")
-            node_id = unregister(args.connection, args.node_id, args.site, args.keys_dir,
+            node_id = unregister(args.connection, args.node_id, args.site, args.registry,
                                  args.flwr_home)
             print(f"unregistered SuperNode {node_id}")
         else:
