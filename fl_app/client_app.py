@@ -16,10 +16,13 @@ from flwr.clientapp import ClientApp
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
+from strategies.fedbn import fedbn_mod
 from strategies.site_privacy import SitePrivacy, weight_metrics
 from tasks import DataError, engine
 
-app = ClientApp()
+# FedBN (fedbn=true) keeps normalisation layers at the site; as an app-wide mod it wraps
+# train and evaluate and every handler mod (e.g. DP clipping) inside it.
+app = ClientApp(mods=[fedbn_mod])
 # central DP with client-side clipping: Flower's fixed/adaptive clipping mod, on train only
 central_dp_clipping_mod = make_clipping_mod(CONFIG_KEY)
 
@@ -75,10 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     if (refusal := privacy.refusal(msg.content["config"])) is not None:
         content = privacy.refusal_reply(msg, refusal, {SITE_RECORD: _site_record(session)})
         return Message(content, reply_to=msg)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=float(cfg.task.lr), momentum=float(cfg.task.momentum),
-        weight_decay=float(cfg.task.weight_decay),
-    )
+    optimizer = engine.make_optimizer(model, cfg.task)
     model, optimizer, loader = privacy.private(model, optimizer, loader)
     result = engine.train(
         model, loader, epochs=int(cfg.task.local_epochs), optimizer=optimizer,

@@ -14,6 +14,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
 from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
+from strategies.fedbn import FedBN
+from strategies.fedbn import enabled as fedbn_enabled
 from strategies.privacy import wrap_strategy
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
@@ -36,7 +38,10 @@ def build(
     for both DP mechanisms. ``node_sites`` maps node ids to site names (for the ledger).
     """
     base = _aggregator(cfg, num_sites, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
-    return wrap_strategy(base, cfg, num_sites, node_sites)
+    strategy = wrap_strategy(base, cfg, num_sites, node_sites)
+    # FedBN outermost: replies lacking the sites' normalisation layers are completed with the
+    # global entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
+    return FedBN(strategy) if fedbn_enabled(cfg) else strategy
 
 
 def _aggregator(

@@ -11,7 +11,9 @@ __all__ = ["TASK_MODULES", "DataError", "SiteData", "SiteRef", "Task", "get_task
 # task name -> module holding TASK
 TASK_MODULES = {
     "breast_cancer": "tasks.breast_cancer",
+    "chest_xray": "tasks.chest_xray",
     "heart_disease": "tasks.heart_disease",
+    "mammography": "tasks.mammography",
 }
 
 

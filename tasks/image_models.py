@@ -9,7 +9,8 @@ Networks (``task.model``):
 - ``densenet_small``: a MONAI DenseNet with three short dense blocks (about 0.2M parameters),
   small enough to train on a CPU.
 
-Normalisation (``task.norm``): ``group`` (GroupNorm; works with Opacus and small batches),
+Normalisation (``task.norm``): ``group`` (GroupNorm with ``task.norm_groups`` groups, or the
+largest divisor of a layer's channels below it; works with Opacus and small batches),
 ``batch`` (BatchNorm; what FedBN keeps local), ``instance`` (affine InstanceNorm).
 
 Why "Opacus-ready" needs more than GroupNorm: Opacus's hooks break on in-place ReLU and on
@@ -29,14 +30,14 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 MODELS = ("cnn", "resnet18", "densenet121", "densenet_small")
 NORMS = ("group", "batch", "instance")
-# GroupNorm groups; every channel count used below is a multiple of this.
+# Default GroupNorm groups; every channel count used below is a multiple of this.
 GROUPS = 8
 
 
-def norm_layer(norm: str, channels: int) -> nn.Module:
-    """A 2D normalisation layer over ``channels`` channels."""
+def norm_layer(norm: str, channels: int, groups: int = GROUPS) -> nn.Module:
+    """A 2D normalisation layer over ``channels`` channels (``groups``: GroupNorm only)."""
     if norm == "group":
-        return nn.GroupNorm(_groups(channels), channels)
+        return nn.GroupNorm(_groups(channels, groups), channels)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "instance":
@@ -44,9 +45,10 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"task.norm must be one of {', '.join(NORMS)}, got '{norm}'")
 
 
-def _groups(channels: int) -> int:
-    # the largest group count <= GROUPS that divides the channels (1 = LayerNorm-like)
-    return next(g for g in range(min(GROUPS, channels), 0, -1) if channels % g == 0)
+def _groups(channels: int, groups: int) -> int:
+    # the largest group count <= groups that divides the channels (1 = LayerNorm-like,
+    # channels = InstanceNorm-like)
+    return next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
 
 
 class CompactCNN(nn.Module):
@@ -58,6 +60,7 @@ class CompactCNN(nn.Module):
     def __init__(
         self, in_channels: int, num_classes: int, norm: str = "group",
         widths: tuple[int, ...] = (16, 32, 64, 128), dropout: float = 0.0,
+        groups: int = GROUPS,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -66,7 +69,7 @@ class CompactCNN(nn.Module):
             for _ in range(2):
                 layers += [
                     nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
-                    norm_layer(norm, width),
+                    norm_layer(norm, width, groups),
                     nn.ReLU(inplace=False),
                 ]
                 channels = width
@@ -102,10 +105,12 @@ class AddBasicBlock(BasicBlock):
         return self.relu(out)
 
 
-def resnet18(in_channels: int, num_classes: int, norm: str, image_size: int) -> nn.Module:
+def resnet18(
+    in_channels: int, num_classes: int, norm: str, image_size: int, groups: int = GROUPS
+) -> nn.Module:
     """ResNet-18 (random init) with a one-channel stem; small-image stem up to 64 px."""
     model = ResNet(AddBasicBlock, [2, 2, 2, 2], num_classes=num_classes,
-                   norm_layer=_norm_factory(norm))
+                   norm_layer=_norm_factory(norm, groups))
     if image_size <= 64:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -115,17 +120,17 @@ def resnet18(in_channels: int, num_classes: int, norm: str, image_size: int) -> 
     return model
 
 
-def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
+def _norm_factory(norm: str, groups: int) -> Callable[[int], nn.Module]:
     def make(channels: int) -> nn.Module:
-        return norm_layer(norm, channels)
+        return norm_layer(norm, channels, groups)
 
-    norm_layer(norm, GROUPS)  # fail early on an unknown norm
+    norm_layer(norm, groups, groups)  # fail early on an unknown norm
     return make
 
 
-def _monai_norm(norm: str) -> str | tuple[str, dict[str, Any]]:
+def _monai_norm(norm: str, groups: int) -> str | tuple[str, dict[str, Any]]:
     if norm == "group":
-        return ("group", {"num_groups": GROUPS})
+        return ("group", {"num_groups": groups})
     if norm == "batch":
         return "batch"
     if norm == "instance":
@@ -137,20 +142,25 @@ def _monai_norm(norm: str) -> str | tuple[str, dict[str, Any]]:
 _ACT = ("relu", {"inplace": False})
 
 
-def densenet121(in_channels: int, num_classes: int, norm: str) -> nn.Module:
-    """MONAI DenseNet-121 (2D). All channel counts are multiples of 32, so GroupNorm(8) fits."""
+def densenet121(
+    in_channels: int, num_classes: int, norm: str, groups: int = GROUPS
+) -> nn.Module:
+    """MONAI DenseNet-121 (2D). Channel counts are multiples of 32: ``groups`` must divide 32."""
     return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
-                       norm=_monai_norm(norm), act=_ACT)
+                       norm=_monai_norm(norm, groups), act=_ACT)
 
 
-def densenet_small(in_channels: int, num_classes: int, norm: str) -> nn.Module:
+def densenet_small(
+    in_channels: int, num_classes: int, norm: str, groups: int = GROUPS
+) -> nn.Module:
     """A small MONAI DenseNet: 32 initial features, growth 16, blocks of 4/4/4 layers.
 
-    Channel counts (32 + 16k, halved at each transition: 48, 56, 120) stay multiples of 8.
+    Channel counts (32 + 16k, halved at each transition: 48, 56, 120) are multiples of 8,
+    so ``groups`` must divide 8.
     """
     return DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                     init_features=32, growth_rate=16, block_config=(4, 4, 4), bn_size=4,
-                    norm=_monai_norm(norm), act=_ACT)
+                    norm=_monai_norm(norm, groups), act=_ACT)
 
 
 def build_image_model(cfg: DictConfig, info: dict[str, Any]) -> nn.Module:
@@ -159,17 +169,18 @@ def build_image_model(cfg: DictConfig, info: dict[str, Any]) -> nn.Module:
     ``info`` comes from the sites: ``in_channels``, ``image_size``, ``num_classes``.
     """
     name, norm = str(cfg.task.model), str(cfg.task.get("norm", "group"))
+    groups = int(cfg.task.get("norm_groups", GROUPS))
     in_channels = int(info.get("in_channels", 1))
     num_classes = int(info.get("num_classes", 2))
     image_size = int(info["image_size"])
     if name == "cnn":
         widths = tuple(int(w) for w in cfg.task.get("cnn_widths", (16, 32, 64, 128)))
         return CompactCNN(in_channels, num_classes, norm, widths,
-                          float(cfg.task.get("dropout", 0.0)))
+                          float(cfg.task.get("dropout", 0.0)), groups)
     if name == "resnet18":
-        return resnet18(in_channels, num_classes, norm, image_size)
+        return resnet18(in_channels, num_classes, norm, image_size, groups)
     if name == "densenet121":
-        return densenet121(in_channels, num_classes, norm)
+        return densenet121(in_channels, num_classes, norm, groups)
     if name == "densenet_small":
-        return densenet_small(in_channels, num_classes, norm)
+        return densenet_small(in_channels, num_classes, norm, groups)
     raise ValueError(f"task.model must be one of {', '.join(MODELS)}, got '{name}'")

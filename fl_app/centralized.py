@@ -1,0 +1,165 @@
+"""Centralized baseline: the same task, model and epochs, trained on all sites' data pooled.
+
+    python -m fl_app.centralized task=chest_xray task.data_dir=/abs/path num_rounds=10
+
+Takes the same overrides as a federated run and writes the same run folder (``config.yaml``,
+``metrics.jsonl``, ``summary.json`` with ``pooled`` / ``per_site`` / ``mean_site_accuracy``,
+``final_model.pt``, ``plots/metrics.png``), so every federated result has a centralized twin:
+- data: every site of the config is loaded exactly as in the federated run (same partition,
+  same per-site test shares, federated statistics combined as the server would); the training
+  splits are pooled into one data set;
+- training: ``num_rounds`` x ``task.local_epochs`` epochs over the pooled data (each "round"
+  is ``local_epochs`` epochs, the same number of passes over every example a site makes), one
+  optimizer (``task.optimizer``) for the whole run, no differential privacy;
+- evaluation: after each round, the model on each site's test share (``per_site``) and pooled
+  over all of them (``pooled``), with the same metric code as the federated run.
+The run folder is named ``<timestamp>_<task>_centralized``; ``config.yaml`` records
+``strategy.name: centralized``.
+"""
+
+from __future__ import annotations
+
+import sys
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import ConcatDataset
+
+from fl_app.config import ConfigError, compose_config
+from fl_app.metrics import pooled_metrics, public_site_metrics
+from fl_app.plots import plot_rounds
+from fl_app.run_folder import RunFolder
+from tasks import SiteData, SiteRef, engine, get_task
+from tasks.base import pick_device
+from tasks.federated_stats import combine_moments
+
+CENTRALIZED = "centralized"
+# partition.num_sites null means "one site per SuperNode" in a federated run; without
+# SuperNodes the baseline uses the simulation's default number of sites.
+DEFAULT_SITES = 3
+
+
+def centralized_config(cfg: DictConfig) -> DictConfig:
+    """The config as the baseline runs it: strategy ``centralized``, concrete site count."""
+    if str(cfg.privacy.name) != "none":
+        raise ConfigError("the centralized baseline trains without differential privacy; "
+                          "drop the privacy=... override")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(cfg):
+        cfg.strategy = {"name": CENTRALIZED}
+        if "num_sites" in cfg.partition and cfg.partition.num_sites is None:
+            cfg.partition.num_sites = DEFAULT_SITES
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_sites(cfg: DictConfig) -> list[SiteData]:
+    """Every site of the config, prepared as in the federated run (federated statistics too)."""
+    task = get_task(str(cfg.task.name))
+    sites = [task.load_site(cfg, SiteRef(name=name, index=i))
+             for i, name in enumerate(task.site_names(cfg))]
+    moments = [task.local_statistics(site) for site in sites]
+    stats = combine_moments(moments) if all(m is not None for m in moments) else None
+    return [task.apply_statistics(site, stats) for site in sites]
+
+
+def run_centralized(cfg: DictConfig) -> RunFolder:
+    """Train the baseline for the resolved ``cfg``; return its run folder."""
+    from fl_app.experiment import seed_everything
+
+    cfg = centralized_config(cfg)
+    seed_everything(int(cfg.seed))
+    task = get_task(str(cfg.task.name))
+    sites = load_sites(cfg)
+    device = pick_device(str(cfg.device))
+    model = task.build_model(cfg, sites[0].info)
+    run = RunFolder.create(cfg)
+    run.write_json("sites.json", {"sites": [
+        {"name": s.name, "num_train": s.num_train, "num_test": s.num_test} for s in sites
+    ]})
+    log(INFO, "fedclinic centralized: task=%s, %d sites pooled (%d training examples); "
+        "run folder %s", cfg.task.name, len(sites), sum(s.num_train for s in sites), run.path)
+    pooled_train = ConcatDataset([s.train for s in sites])
+    optimizer = engine.make_optimizer(model, cfg.task)
+    history: list[dict[str, Any]] = []
+    for round_ in range(1, int(cfg.num_rounds) + 1):
+        loader = engine.make_loader(pooled_train, int(cfg.task.batch_size), shuffle=True,
+                                    seed=int(cfg.seed) + round_)
+        result = engine.train(model, loader, epochs=int(cfg.task.local_epochs),
+                              optimizer=optimizer, device=device)
+        line = evaluate_sites(model, sites, device, round_, result["train_loss"])
+        history.append(line)
+        run.append_jsonl("metrics.jsonl", line)
+        run.save_model("checkpoints/latest.pt", _cpu_state(model))
+        log(INFO, "[epoch block %d/%d] pooled: accuracy %.4f  auc %.4f  train_loss %.4f",
+            round_, cfg.num_rounds, line["pooled"]["accuracy"],
+            line["pooled"].get("auc", float("nan")), result["train_loss"])
+    finish(run, cfg, model, history)
+    return run
+
+
+def evaluate_sites(model: torch.nn.Module, sites: list[SiteData], device: torch.device,
+                   round_: int, train_loss: float) -> dict[str, Any]:
+    """One metrics.jsonl line: the model on each site's test split and pooled over them."""
+    per_site = {
+        s.name: engine.evaluate(model, engine.make_loader(s.test, 256, False, 0), device)
+        for s in sites
+    }
+    return {
+        "round": round_,
+        "pooled": pooled_metrics(per_site),
+        "per_site": {name: public_site_metrics(m) for name, m in per_site.items()},
+        "train": {CENTRALIZED: {"train_loss": train_loss}},
+        "missing_sites": [],
+    }
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
+           history: list[dict[str, Any]]) -> None:
+    """Write final_model.pt, summary.json (same keys as a federated run) and the plot."""
+    run.save_model("final_model.pt", _cpu_state(model))
+    last = history[-1] if history else {"pooled": {}, "per_site": {}}
+    accuracies = [m["accuracy"] for m in last["per_site"].values()]
+    summary = {
+        "task": cfg.task.name,
+        "strategy": CENTRALIZED,
+        "privacy": str(cfg.privacy.name),
+        "rounds_completed": len(history),
+        "epochs": len(history) * int(cfg.task.local_epochs),
+        "status": "completed",
+        "pooled": last["pooled"],
+        "per_site": last["per_site"],
+        "mean_site_accuracy": float(np.mean(accuracies)) if accuracies else None,
+        "run_dir": str(run.path),
+    }
+    run.write_json("summary.json", summary)
+    if history:
+        plot_rounds(history, run.path / "plots" / "metrics.png",
+                    f"{cfg.task.name} / centralized baseline (pooled training data)")
+    log(INFO, "fedclinic centralized: pooled AUC %s, run folder: %s",
+        last["pooled"].get("auc"), run.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fl_app.centralized <overrides>``: run the baseline, print the run folder."""
+    from fl_app.server_app import USER_ERRORS
+
+    try:
+        run = run_centralized(compose_config(sys.argv[1:] if argv is None else argv))
+    except USER_ERRORS as err:
+        print(f"fedclinic: {err}", file=sys.stderr)
+        return 1
+    print(f"fedclinic: run folder: {run.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

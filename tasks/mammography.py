@@ -1,0 +1,74 @@
+"""Mammography on mini-MIAS (Suckling et al. 1994): 322 film mammograms of 161 patients.
+
+Data sets (``task.dataset``): ``mias128`` (default, ``mias_128.npz``) and ``mias256``
+(``mias_256.npz``), whole films resized by block averaging, with the file's patient-level
+split (train 226 / val 32 / test 64 images); patient ids come from ``mias_metadata.csv``, so
+a patient's two films always stay at one simulated hospital. ``folder`` / ``dicom``: a
+hospital's own films (labels coded normal / benign / malignant, ``task.classes``).
+
+Raw labels: 0 = normal, 1 = benign, 2 = malignant (the most severe finding on the film).
+Targets (``task.target``):
+- ``abnormal``: normal (0) vs abnormal (1 = benign or malignant), all films;
+- ``malignancy``: benign (0) vs malignant (1), abnormal films only (80 train / 23 test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from tasks.base import DataError
+from tasks.image_task import (
+    ImageTaskSpec,
+    Relabelled,
+    check_labels,
+    make_task,
+    patient_ids_from_csv,
+)
+
+FILES = {"mias128": "mias_128.npz", "mias256": "mias_256.npz"}
+METADATA = "mias_metadata.csv"
+RAW_CLASSES = ("normal", "benign", "malignant")
+TARGETS = {"abnormal": ["normal", "abnormal"], "malignancy": ["benign", "malignant"]}
+
+
+def patient_ids(
+    data_dir: Path, dataset: str, sizes: dict[str, int]
+) -> dict[str, np.ndarray] | None:
+    """Patient id of every film (P001..P161) from the metadata CSV."""
+    if dataset not in FILES:
+        return None
+    return patient_ids_from_csv(data_dir / METADATA, "index_in_split", sizes)
+
+
+def _target(cfg: DictConfig) -> str:
+    target = str(cfg.task.target)
+    if target not in TARGETS:
+        raise DataError(f"task.target must be one of {', '.join(TARGETS)}, got '{target}'")
+    return target
+
+
+def relabel(labels: np.ndarray, cfg: DictConfig, where: str) -> Relabelled:
+    """Map normal/benign/malignant to the configured binary target."""
+    check_labels(labels, range(len(RAW_CLASSES)), where)
+    if _target(cfg) == "abnormal":
+        return Relabelled(np.ones(len(labels), dtype=bool), (labels > 0).astype(np.int64))
+    keep = labels > 0
+    return Relabelled(keep, (labels[keep] == 2).astype(np.int64))
+
+
+def classes(cfg: DictConfig) -> list[str]:
+    """The target's two classes."""
+    return list(TARGETS[_target(cfg)])
+
+
+def extra_info(cfg: DictConfig) -> dict[str, str]:
+    """Which target the sites trained on (shown in sites.json)."""
+    return {"target": _target(cfg)}
+
+
+SPEC = ImageTaskSpec(name="mammography", files=FILES, patient_ids=patient_ids,
+                     relabel=relabel, classes=classes, extra_info=extra_info)
+TASK = make_task(SPEC)
