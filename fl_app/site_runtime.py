@@ -55,7 +55,16 @@ def site_ref(cfg: DictConfig, task: Task, node_config: dict[str, Any]) -> SiteRe
 
 def device_for(cfg: DictConfig, node_config: dict[str, Any]) -> torch.device:
     """The SuperNode's ``device`` if set, else the config's (``auto`` = CUDA when present)."""
-    return pick_device(str(node_config.get("device", cfg.device)))
+    requested = str(node_config.get("device", cfg.device))
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        where = "node_config" if "device" in node_config else "config"
+        raise DataError(f"{where} device '{requested}' but CUDA is not available on this "
+                        "SuperNode; use device=cpu or device=auto")
+    try:
+        return pick_device(requested)
+    except RuntimeError:  # torch: "Expected one of cpu, cuda, ... device type"
+        raise DataError(f"device '{requested}' is not a torch device; use cpu, cuda, cuda:N "
+                        "or auto") from None
 
 
 @lru_cache(maxsize=8)

@@ -172,3 +172,23 @@ def test_image_check_refuses_tabular_data(shared_data: Path) -> None:
         check_image_source(shared_data / "heart_disease" / "processed.va.data", "a")
     with pytest.raises(DataError, match=r"holds no image files \(4 .data\)"):
         check_image_source(shared_data / "heart_disease", "a")
+
+
+def test_supernode_device_setting_is_checked() -> None:
+    """node_config ``device``: cpu works; an unknown device or CUDA on a machine without it
+    is a clear error, not a torch traceback mid-training."""
+    import torch
+
+    from fl_app.config import compose_config
+    from fl_app.site_runtime import device_for
+    from tasks import DataError
+
+    cfg = compose_config("")
+    assert device_for(cfg, {"device": "cpu"}) == torch.device("cpu")
+    with pytest.raises(DataError, match="'tpu' is not a torch device"):
+        device_for(cfg, {"device": "tpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="CUDA is not available on this SuperNode"):
+            device_for(cfg, {"device": "cuda"})
+    else:
+        assert device_for(cfg, {"device": "cuda"}).type == "cuda"
