@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from logging import ERROR
 
 from flwr.app import Context
@@ -27,11 +28,16 @@ def main(grid: Grid, context: Context) -> None:
         run_experiment(grid, cfg)
     except USER_ERRORS as err:
         log(ERROR, "fedclinic: %s", err)
-        # An Exception, not SystemExit: Flower's flwr-serverapp/flwr-simulation catch only
-        # Exception, and only then flush the run's last log lines and report the run as failed
-        # (with this message as its status detail in `flwr ls`). SystemExit skipped both, so
-        # `flwr run --stream` lost the final lines and waited for a heartbeat timeout.
-        raise RunAborted(str(err)) from None
+        if threading.current_thread() is threading.main_thread():
+            # Deployment: flwr-serverapp runs the ServerApp in its main thread and catches
+            # only Exception; only then does it flush the run's last log lines and report the
+            # run as failed. SystemExit there ended the process at once: `flwr run --stream`
+            # lost the lines above and waited ~1 min for a heartbeat timeout. (Flower prints
+            # this exception's short traceback after our one-line message.)
+            raise RunAborted(str(err)) from None
+        # Simulation runs the ServerApp in a thread: SystemExit ends it quietly, and
+        # flwr-simulation then flushes the logs itself.
+        raise SystemExit(1) from None
 
 
 class RunAborted(RuntimeError):
