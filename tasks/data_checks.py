@@ -59,10 +59,21 @@ def first_data_line(path: Path) -> str:
 
 
 def check_image_source(path: Path, site_name: str) -> None:
-    """An imaging task's data: a MedMNIST-layout ``.npz`` or a folder holding image files."""
+    """An imaging task's data: a MedMNIST-layout ``.npz``, or a folder with a manifest or
+    image files (PNG/JPEG/PGM/TIFF/BMP, DICOM with or without a suffix)."""
     if path.is_dir():
-        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in _limited(path.rglob("*"))):
+        # the loaders' own lists (imported here: heart_disease uses this module too)
+        from tasks.dicom import is_dicom
+        from tasks.image_data import IMAGE_SUFFIXES as LOADABLE
+        from tasks.image_data import MANIFEST_NAMES
+
+        if any((path / name).is_file() for name in MANIFEST_NAMES):
             return
+        for file in _limited(path.rglob("*")):
+            suffix = file.suffix.lower()
+            if suffix in LOADABLE or suffix in IMAGE_SUFFIXES or (
+                    suffix == "" and file.is_file() and is_dicom(file)):
+                return
         raise DataError(
             f"{path} holds no image files ({describe_folder(path)}); an imaging task needs a "
             f"folder of {'/'.join(IMAGE_SUFFIXES[:5])} images or a MedMNIST-layout .npz"

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from tasks.base import DataError, SiteData, SiteRef, Task
+from tasks.data_checks import check_image_source
 from tasks.image_data import load_folder, load_npz
 from tasks.image_models import build_image_model
 from tasks.image_transforms import ImageDataset, augmentation, prepare_images
@@ -296,7 +297,7 @@ def make_task(spec: ImageTaskSpec) -> Task:
         return load_image_site(spec, cfg, site)
 
     return Task(name=spec.name, site_names=site_names, load_site=load_site,
-                build_model=build_image_model)
+                build_model=build_image_model, check_data_path=check_image_source)
 
 
 def check_labels(labels: np.ndarray, allowed: range, where: str) -> None:
