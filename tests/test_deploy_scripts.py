@@ -168,6 +168,7 @@ def test_image_check_refuses_tabular_data(shared_data: Path) -> None:
 
     check_image_source(shared_data / "chest_xray" / "pneumoniamnist.npz", "a")
     check_image_source(shared_data / "chest_xray" / "samples", "a")
+    check_image_source(shared_data / "dicom", "a")
     with pytest.raises(DataError, match="is a text file"):
         check_image_source(shared_data / "heart_disease" / "processed.va.data", "a")
     with pytest.raises(DataError, match=r"holds no image files \(4 .data\)"):
