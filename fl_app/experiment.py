@@ -23,6 +23,7 @@ from fl_app.privacy_ledger import PrivacyLedger
 from fl_app.run_folder import RunFolder
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
+    FederationError,
     expected_num_sites,
     global_statistics,
     model_info,
@@ -90,11 +91,18 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         latest["arrays"] = arrays
         ledger.flush()
         line = _round_line(server_round, collector, site_names)
+        line["failures"] = {f.site: f"{f.stage}: {f.reason}"
+                            for f in guard.failures if f.round == server_round}
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
         _log_round(line, int(cfg.num_rounds))
         collector.reset()
+        if not line["train"]:
+            raise FederationError(
+                f"round {server_round}: no site returned a model update, so the run stops "
+                f"instead of going on with an untrained model. Site errors: {line['failures']}"
+            )
         return None
 
     try:
@@ -152,8 +160,6 @@ def _log_round(line: dict[str, Any], num_rounds: int) -> None:
         log(INFO, "    %-12s accuracy %.4f  auc %s  loss %.4f  train_loss %s  n=%d",
             site, m["accuracy"], _fmt(m.get("auc")), m["loss"],
             _fmt(train.get("train_loss")), m["num-examples"])
-    if line["missing_sites"]:
-        log(INFO, "    no result this round from: %s", ", ".join(line["missing_sites"]))
 
 
 def _fmt(value: Any) -> str:

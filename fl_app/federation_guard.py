@@ -15,7 +15,6 @@ connects later has no place in this run's statistics and model facts).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_app.config import ConfigError
-from fl_app.sites import FederationError
+from fl_app.sites import FederationError, error_reason
 
 POLICIES = ("continue", "stop")
 
@@ -154,7 +153,7 @@ class FederationGuard(Grid):
             reply = by_node.get(node)
             if reply is not None and not reply.has_error():
                 continue
-            reason = (_last_line(reply.error.reason) if reply is not None
+            reason = (error_reason(reply.error.reason) if reply is not None
                       else f"no reply within {timeout or 0:.0f}s")
             new.append(FailureRecord(server_round, stage, self.sites.get(node, str(node)),
                                      node, reason))
@@ -183,28 +182,3 @@ class FederationGuard(Grid):
     def failure_log(self) -> list[dict[str, Any]]:
         """The recorded failures as plain dicts (for summary.json)."""
         return [asdict(f) for f in self.failures]
-
-
-def _last_line(reason: str) -> str:
-    """One line saying why a site failed.
-
-    A ClientApp exception reaches the server as ``<class 'pkg.SomeError'>:<'message'>``
-    (flwr.supernode.runtime.run_clientapp), where the message may span lines; return
-    ``SomeError: <first line of the message>``. Other reasons (e.g. the SuperLink's "Node
-    Unavailable") are returned as their exception-like line, else their last line.
-    """
-    text = str(reason).strip()
-    match = _CLIENTAPP_ERROR.search(text)
-    if match:
-        message = match.group(2).split("Message: ", 1)[-1]
-        first = next((line.strip() for line in message.splitlines() if line.strip()), "")
-        return f"{match.group(1).rsplit('.', 1)[-1]}: {first}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line):
-            return line
-    return lines[-1] if lines else text
-
-
-_CLIENTAPP_ERROR = re.compile(r"<class '([\w.]+)'>:<'(.*)'>\s*$", re.DOTALL)
-_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Failure)\b.*:")

@@ -17,7 +17,6 @@ from fl_app.run_folder import RunFolder
 from fl_app.sites import expected_num_sites
 from tasks import get_task
 
-
 DEFAULT_SIMULATED_SITES = 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -15,7 +16,6 @@ from omegaconf import DictConfig
 
 from fl_app.config import to_json
 from fl_app.site_runtime import CONFIG_KEY
-from fl_app.watched_grid import error_reason
 from tasks import Task
 from tasks.federated_stats import combine_moments
 
@@ -134,3 +134,28 @@ def model_info(facts: list[SiteFacts]) -> dict[str, Any]:
                 "every site must hold data of the same task and shape"
             )
     return facts[0].info
+
+
+def error_reason(reason: str) -> str:
+    """One line saying why a site failed.
+
+    A ClientApp exception reaches the server as ``<class 'pkg.SomeError'>:<'message'>``
+    (flwr.supernode.runtime.run_clientapp), where the message may span lines; return
+    ``SomeError: <first line of the message>``. Other reasons (e.g. the SuperLink's "Node
+    Unavailable") are returned as their exception-like line, else their last line.
+    """
+    text = str(reason).strip()
+    match = _CLIENTAPP_ERROR.search(text)
+    if match:
+        message = match.group(2).split("Message: ", 1)[-1]
+        first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+        return f"{match.group(1).rsplit('.', 1)[-1]}: {first}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return lines[-1] if lines else text
+
+
+_CLIENTAPP_ERROR = re.compile(r"<class '([\w.]+)'>:<'(.*)'>\s*$", re.DOTALL)
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Failure)\b.*:")
