@@ -16,13 +16,14 @@ Shown here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,27 @@ def federation(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> I
         bound = sorted(p for p in fed.ports if not port_is_free(p))
         assert not leftovers, f"processes left running: {leftovers}"
         assert not bound, f"ports still bound after teardown: {bound}"
+
+
+@pytest.fixture
+def dropout_hospital(federation: Federation) -> Iterator[Callable[[str], str]]:
+    """Start the Switzerland SuperNode under a given process name; if a test ends before it
+    killed it, stop it gracefully (it deactivates, so the next test can use the same key)."""
+    started: list[str] = []
+
+    def start(name: str) -> str:
+        federation.start_supernode(name, DROPOUT)
+        started.append(name)
+        federation.wait_connected([name])
+        return name
+
+    yield start
+    for name in started:
+        proc = federation.runner.procs[name]
+        if proc.poll() is None:
+            federation.runner.signal_group(name, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
 
 
 def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -138,13 +160,12 @@ def _run_until_sites_known(fed: Federation, name: str, overrides: str,
 
 
 def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
-    federation: Federation, tmp_path: Path
+    federation: Federation, dropout_hospital: Callable[[str], str], tmp_path: Path
 ) -> None:
     """flwr run with min_sites=3, on_site_failure=continue; the fourth hospital is SIGKILLed
     right after the query round, before it can send a model update."""
     fed = federation
-    fed.start_supernode(DROPOUT, DROPOUT)
-    fed.wait_connected([DROPOUT])
+    dropout = dropout_hospital(DROPOUT)
     output_dir = tmp_path / "runs"
     overrides = (f"task=heart_disease num_rounds=2 min_sites=3 on_site_failure=continue "
                  f"output_dir={output_dir}")
@@ -155,7 +176,7 @@ def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
     # The ServerApp runs in flwr-serverapp, started by the SuperLink: it works in the
     # SuperLink's working directory (docs/deployment.md relies on this).
     assert process_cwd(fed.runner, "flwr-serverapp") == fed.workdir.resolve()
-    fed.runner.signal_group(DROPOUT, signal.SIGKILL)  # the machine dies, ClientApp and all
+    fed.runner.signal_group(dropout, signal.SIGKILL)  # the machine dies, ClientApp and all
 
     rc = _wait_exit(proc, RUN_TIMEOUT_S)
     log = fed.runner.log("run-continue")
@@ -181,14 +202,12 @@ def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
 
 
 def test_on_site_failure_stop_ends_the_run_with_a_clear_message(
-    federation: Federation, tmp_path: Path
+    federation: Federation, dropout_hospital: Callable[[str], str], tmp_path: Path
 ) -> None:
     """on_site_failure=stop: a hospital shutting its SuperNode down (SIGTERM) ends the run;
     summary.json says why; the SuperLink keeps serving."""
     fed = federation
-    name = f"{DROPOUT}-2"
-    fed.start_supernode(name, DROPOUT)  # same key: the same registered node, restarted
-    fed.wait_connected([name])
+    name = dropout_hospital(f"{DROPOUT}-2")  # same key: the same registered node, restarted
     output_dir = tmp_path / "runs"
     overrides = (f"task=heart_disease num_rounds=2 min_sites=3 on_site_failure=stop "
                  f"output_dir={output_dir}")
