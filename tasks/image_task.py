@@ -75,6 +75,11 @@ class ImageTaskSpec:
     # the target's class names for this config
     classes: Callable[[DictConfig], list[str]]
     extra_info: Callable[[DictConfig], dict[str, Any]] = field(default=lambda cfg: {})
+    # (data_dir, variant, split sizes, cfg) -> per split, which images to flip left-right
+    # (e.g. to make every breast face the same way), or None
+    flips: Callable[[Path, str, dict[str, int], DictConfig], dict[str, np.ndarray] | None] = (
+        field(default=lambda data_dir, dataset, sizes, cfg: None)
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -149,13 +154,24 @@ def load_splits(spec: ImageTaskSpec, cfg: DictConfig, path: Path | None = None) 
             )
         file = folder / spec.files[dataset]
         splits = _npz_splits(file)
-        ids = spec.patient_ids(folder, dataset, {"train": len(splits.train_labels),
-                                                 "test": len(splits.test_labels)})
-        if ids is None:
-            return splits
-        return ImageSplits(splits.source, splits.train_images, splits.train_labels,
-                           splits.test_images, splits.test_labels, ids["train"], ids["test"])
+        sizes = {"train": len(splits.train_labels), "test": len(splits.test_labels)}
+        ids = spec.patient_ids(folder, dataset, sizes) or {"train": None, "test": None}
+        flips = spec.flips(folder, dataset, sizes, cfg) or {}
+        return ImageSplits(
+            splits.source, _flipped(splits.train_images, flips.get("train")),
+            splits.train_labels, _flipped(splits.test_images, flips.get("test")),
+            splits.test_labels, ids["train"], ids["test"],
+        )
     return _own_splits(cfg, path)
+
+
+def _flipped(images: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """A copy of ``images`` with the ``mask``ed ones flipped left-right (cached arrays stay)."""
+    if mask is None or not mask.any():
+        return images
+    out = images.copy()
+    out[mask] = out[mask][:, :, ::-1]
+    return out
 
 
 def _own_splits(cfg: DictConfig, path: Path) -> ImageSplits:
@@ -311,32 +327,40 @@ def check_labels(labels: np.ndarray, allowed: range, where: str) -> None:
 def patient_ids_from_csv(
     path: Path, index_column: str, sizes: dict[str, int]
 ) -> dict[str, np.ndarray]:
-    """Patient id of every image, per split, from a metadata CSV.
+    """Patient id of every image, per split, from a metadata CSV (see ``metadata_column``)."""
+    return metadata_column(path, "patient_id", sizes, index_column)
 
-    The CSV needs columns ``split``, ``patient_id`` and ``index_column`` (the image's row in
+
+def metadata_column(
+    path: Path, column: str, sizes: dict[str, int], index_column: str = "index_in_split"
+) -> dict[str, np.ndarray]:
+    """One metadata value per image, per split (string arrays in npz order).
+
+    The CSV needs columns ``split``, ``column`` and ``index_column`` (the image's row in
     that split's npz arrays; -1 = not in this file). Raises DataError naming the file when a
     column is missing or the rows do not cover each split's images exactly once.
     """
     import csv
 
     if not path.is_file():
-        raise DataError(f"{path}: metadata CSV with patient ids does not exist")
-    ids = {split: np.full(n, "", dtype=object) for split, n in sizes.items()}
+        raise DataError(f"{path}: metadata CSV does not exist (needed for '{column}')")
+    values = {split: np.full(n, None, dtype=object) for split, n in sizes.items()}
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = {"split", "patient_id", index_column} - set(reader.fieldnames or [])
+        missing = {"split", column, index_column} - set(reader.fieldnames or [])
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
         for row in reader:
             split, index = row["split"], int(row[index_column])
-            if split not in ids or index < 0:
+            if split not in values or index < 0:
                 continue
-            if index >= sizes[split] or ids[split][index]:
+            if index >= sizes[split] or values[split][index] is not None:
                 raise DataError(f"{path}, line {reader.line_num}: {index_column}={index} does "
                                 f"not fit the {sizes[split]} {split} images of the npz")
-            ids[split][index] = row["patient_id"]
-    for split, values in ids.items():
-        if (values == "").any():
-            raise DataError(f"{path}: {int((values == '').sum())} {split} images have no row "
-                            "(the metadata does not match the npz)")
-    return {split: values.astype(str) for split, values in ids.items()}
+            values[split][index] = row[column]
+    for split, found in values.items():
+        unlisted = sum(v is None for v in found)
+        if unlisted:
+            raise DataError(f"{path}: {unlisted} {split} images have no row (the metadata "
+                            "does not match the npz)")
+    return {split: found.astype(str) for split, found in values.items()}

@@ -25,6 +25,7 @@ from tasks.image_task import (
     Relabelled,
     check_labels,
     make_task,
+    metadata_column,
     patient_ids_from_csv,
 )
 
@@ -41,6 +42,26 @@ def patient_ids(
     if dataset not in FILES:
         return None
     return patient_ids_from_csv(data_dir / METADATA, "index_in_split", sizes)
+
+
+def laterality_flips(
+    data_dir: Path, dataset: str, sizes: dict[str, int], cfg: DictConfig
+) -> dict[str, np.ndarray] | None:
+    """With ``task.align_laterality``: flip every right-breast film (``laterality`` R in the
+    metadata) so that all breasts face the same way, as left films do.
+
+    Why: left and right films face opposite directions, and in mini-MIAS's split laterality is
+    confounded with the label (train: 43% of right films abnormal vs 27% of left; test: 19% vs
+    53%), so a network that can see the orientation learns a shortcut that inverts on the test
+    split.
+    """
+    if dataset not in FILES or not bool(cfg.task.get("align_laterality", False)):
+        return None
+    sides = metadata_column(data_dir / METADATA, "laterality", sizes)
+    bad = {split: sorted(set(v) - {"L", "R"}) for split, v in sides.items()}
+    if any(bad.values()):
+        raise DataError(f"{data_dir / METADATA}: laterality must be L or R, found {bad}")
+    return {split: values == "R" for split, values in sides.items()}
 
 
 def _target(cfg: DictConfig) -> str:
@@ -70,5 +91,6 @@ def extra_info(cfg: DictConfig) -> dict[str, str]:
 
 
 SPEC = ImageTaskSpec(name="mammography", files=FILES, patient_ids=patient_ids,
-                     relabel=relabel, classes=classes, extra_info=extra_info)
+                     relabel=relabel, classes=classes, extra_info=extra_info,
+                     flips=laterality_flips)
 TASK = make_task(SPEC)

@@ -1,0 +1,77 @@
+"""Centralized baseline (fl_app/centralized.py): pooled training, same run-folder format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_app.centralized import load_sites, run_centralized
+from fl_app.config import ConfigError, compose_config
+from tasks import engine, get_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_chest_xray_baseline_writes_the_run_folder_of_a_federated_run(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        f"task=chest_xray task.data_dir={shared_data / 'chest_xray'} partition=dirichlet "
+        f"partition.alpha=0.5 partition.num_sites=5 num_rounds=2 output_dir={tmp_path}"
+    )
+    run = run_centralized(cfg).path
+    assert run.name.endswith("_chest_xray_centralized")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final_model.pt",
+                 "plots/metrics.png", "sites.json"):
+        assert (run / name).is_file(), name
+    assert "name: centralized" in (run / "config.yaml").read_text()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == "centralized" and summary["epochs"] == 2
+    assert sorted(summary["per_site"]) == [f"site-{i}" for i in range(5)]
+    sites = json.loads((run / "sites.json").read_text())["sites"]
+    assert sum(s["num_train"] for s in sites) == 4708  # the whole official train split
+    assert summary["pooled"]["num-examples"] == 624  # the whole official test split
+    assert summary["pooled"]["auc"] >= 0.90
+    accuracies = [m["accuracy"] for m in summary["per_site"].values()]
+    assert summary["mean_site_accuracy"] == pytest.approx(sum(accuracies) / 5)
+    # per-site metrics are the final model on that site's test share
+    model = get_task("chest_xray").build_model(cfg, {"image_size": 28})
+    model.load_state_dict(torch.load(run / "final_model.pt"))
+    site = load_sites(cfg)[3]
+    metrics = engine.evaluate(model, engine.make_loader(site.test, 256, False, 0),
+                              torch.device("cpu"))
+    assert metrics["num-examples"] == summary["per_site"]["site-3"]["num-examples"]
+    assert metrics["auc"] == pytest.approx(summary["per_site"]["site-3"]["auc"], abs=1e-6)
+
+
+def test_one_command_baseline_for_a_tabular_task(shared_data: Path, tmp_path: Path) -> None:
+    """``python -m fl_app.centralized`` on heart disease: natural sites, federated statistics."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fl_app.centralized", "task=heart_disease",
+         f"task.data_dir={shared_data / 'heart_disease'}", "num_rounds=3",
+         f"output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = Path(done.stdout.strip().splitlines()[-1].split("run folder: ")[1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["per_site"]) == ["cleveland", "hungary", "switzerland", "va"]
+    assert summary["pooled"]["num-examples"] == sum(
+        m["num-examples"] for m in summary["per_site"].values()
+    )
+    assert 0.7 <= summary["pooled"]["auc"] <= 1.0
+
+
+def test_baseline_refuses_differential_privacy(shared_data: Path, tmp_path: Path) -> None:
+    cfg = compose_config(f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} "
+                         f"privacy=local_dp output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="without differential privacy"):
+        run_centralized(cfg)
+    assert not any(tmp_path.iterdir())  # no half-made run folder
