@@ -17,7 +17,6 @@ transfer syntax and the packages pydicom would need, taken from pydicom's own de
 
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import cache
 from pathlib import Path
@@ -27,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from tasks.base import DataError
+from tasks.image_transforms import quiet_load_image
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -45,23 +45,8 @@ def is_dicom(path: Path) -> bool:
 def _loader():
     """One MONAI LoadImage for DICOM per process (building it registers every MONAI reader)."""
     from monai.data import PydicomReader
-    from monai.transforms import LoadImage
 
-    # LoadImage instantiates all of MONAI's readers, including the nvImageCodec one, which
-    # logs/warns on machines without CUDA codecs; that noise says nothing about our files.
-    monai_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = monai_logger.level
-    monai_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return LoadImage(
-                reader=PydicomReader(swap_ij=False, affine_lps_to_ras=False),
-                image_only=True,
-                dtype=np.float32,
-            )
-    finally:
-        monai_logger.setLevel(level)
+    return quiet_load_image(PydicomReader(swap_ij=False, affine_lps_to_ras=False), np.float32)
 
 
 def read_header(path: Path) -> pydicom.Dataset:

@@ -17,7 +17,6 @@ Every error about the data is a ``tasks.DataError`` naming the file (and manifes
 from __future__ import annotations
 
 import csv
-import logging
 import warnings
 import zipfile
 import zlib
@@ -30,6 +29,7 @@ import numpy as np
 
 from tasks.base import DataError
 from tasks.dicom import DICOM_SUFFIXES, is_dicom, load_dicom
+from tasks.image_transforms import quiet_load_image
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -135,23 +135,11 @@ def _as_labels(labels: np.ndarray, path: Path, key: str) -> np.ndarray:
 def _pil_loader():
     """One MONAI LoadImage for PIL formats per process (building it registers all readers)."""
     from monai.data import PILReader
-    from monai.transforms import LoadImage
 
-    monai_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = monai_logger.level
-    monai_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # reverse_indexing=False keeps numpy's (rows, columns) = (H, W) order; MONAI's
-            # default returns (W, H), the transpose of the picture.
-            return LoadImage(
-                reader=PILReader(converter=_to_gray_pil, reverse_indexing=False),
-                image_only=True,
-                dtype=None,  # keep uint8 vs uint16 so the scaling below can tell them apart
-            )
-    finally:
-        monai_logger.setLevel(level)
+    # reverse_indexing=False keeps numpy's (rows, columns) = (H, W) order; MONAI's default
+    # returns (W, H), the transpose of the picture. dtype None keeps uint8 vs uint16 so the
+    # scaling can tell them apart.
+    return quiet_load_image(PILReader(converter=_to_gray_pil, reverse_indexing=False), None)
 
 
 def _to_gray_pil(image):

@@ -15,7 +15,9 @@ as a fraction of the image size) + ``shear`` (max shear factor).
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -138,3 +140,22 @@ def _untracked(
         return _plain(transform(image))
     finally:
         set_track_meta(previous)
+
+
+def quiet_load_image(reader: Any, dtype: Any) -> Callable[..., Any]:
+    """A MONAI ``LoadImage`` with ``reader``, built without MONAI's codec start-up noise.
+
+    LoadImage instantiates all of MONAI's readers, including the nvImageCodec one, which
+    logs/warns on machines without CUDA codecs; that noise says nothing about our files.
+    """
+    from monai.transforms import LoadImage
+
+    monai_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = monai_logger.level
+    monai_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LoadImage(reader=reader, image_only=True, dtype=dtype)
+    finally:
+        monai_logger.setLevel(level)
