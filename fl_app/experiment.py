@@ -54,21 +54,42 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         nodes = wait_for_nodes(grid, expected, float(cfg.wait_for_nodes_s))
     facts = query_sites(grid, cfg, nodes, float(cfg.round_timeout_s))
     run = RunFolder.create(cfg)
-    log(INFO, "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
-        cfg.task.name, cfg.strategy.name, cfg.privacy.name, cfg.num_rounds, len(nodes), run.path)
+    log(
+        INFO,
+        "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
+        cfg.task.name,
+        cfg.strategy.name,
+        cfg.privacy.name,
+        cfg.num_rounds,
+        len(nodes),
+        run.path,
+    )
     for f in facts:
-        log(INFO, "  site %-12s train %5d  test %5d  (node %d)", f.name, f.num_train, f.num_test, f.node_id)
+        log(
+            INFO,
+            "  site %-12s train %5d  test %5d  (node %d)",
+            f.name,
+            f.num_train,
+            f.num_test,
+            f.node_id,
+        )
     stats = global_statistics(facts)
     info = model_info(facts)
-    run.write_json("sites.json", {
-        "sites": [{"name": f.name, "num_train": f.num_train, "num_test": f.num_test} for f in facts],
-        "feature_statistics": stats,
-    })
+    run.write_json(
+        "sites.json",
+        {
+            "sites": [
+                {"name": f.name, "num_train": f.num_train, "num_test": f.num_test} for f in facts
+            ],
+            "feature_statistics": stats,
+        },
+    )
 
     model = task.build_model(cfg, info)
     collector = SiteMetricsCollector()
     strategy = strategies.build(
-        cfg, len(facts),
+        cfg,
+        len(facts),
         train_metrics_aggr_fn=collector.train,
         evaluate_metrics_aggr_fn=collector.evaluate,
         node_sites={f.node_id: f.name for f in facts},
@@ -76,9 +97,13 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     ledger = PrivacyLedger(run, cfg, strategy)
     # Rounds see only the sites queried above, and a hospital that drops out never hangs the
     # server: on_site_failure decides between going on (while min_sites remain) and stopping.
-    guard = FederationGuard(grid, {f.node_id: f.name for f in facts},
-                            int(cfg.min_sites or len(facts)), float(cfg.wait_for_nodes_s),
-                            str(cfg.get("on_site_failure", "continue")))
+    guard = FederationGuard(
+        grid,
+        {f.node_id: f.name for f in facts},
+        int(cfg.min_sites or len(facts)),
+        float(cfg.wait_for_nodes_s),
+        str(cfg.get("on_site_failure", "continue")),
+    )
     stopped: SiteFailure | None = None
     latest = {"arrays": ArrayRecord(model.state_dict())}  # the model after the last round
     record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
@@ -91,8 +116,9 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         latest["arrays"] = arrays
         ledger.flush()
         line = _round_line(server_round, collector, site_names)
-        line["failures"] = {f.site: f"{f.stage}: {f.reason}"
-                            for f in guard.failures if f.round == server_round}
+        line["failures"] = {
+            f.site: f"{f.stage}: {f.reason}" for f in guard.failures if f.round == server_round
+        }
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
@@ -139,7 +165,9 @@ def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, A
     }
 
 
-def _round_line(server_round: int, collector: SiteMetricsCollector, sites: list[str]) -> dict[str, Any]:
+def _round_line(
+    server_round: int, collector: SiteMetricsCollector, sites: list[str]
+) -> dict[str, Any]:
     """One metrics.jsonl line: pooled and per-site test metrics, per-site train metrics."""
     return {
         "round": server_round,
@@ -152,22 +180,44 @@ def _round_line(server_round: int, collector: SiteMetricsCollector, sites: list[
 
 def _log_round(line: dict[str, Any], num_rounds: int) -> None:
     pooled = line["pooled"]
-    log(INFO, "[round %d/%d] pooled: accuracy %.4f  auc %s  loss %.4f  (%d sites)",
-        line["round"], num_rounds, pooled.get("accuracy", float("nan")),
-        _fmt(pooled.get("auc")), pooled.get("loss", float("nan")), len(line["per_site"]))
+    log(
+        INFO,
+        "[round %d/%d] pooled: accuracy %.4f  auc %s  loss %.4f  (%d sites)",
+        line["round"],
+        num_rounds,
+        pooled.get("accuracy", float("nan")),
+        _fmt(pooled.get("auc")),
+        pooled.get("loss", float("nan")),
+        len(line["per_site"]),
+    )
     for site, m in sorted(line["per_site"].items()):
         train = line["train"].get(site, {})
-        log(INFO, "    %-12s accuracy %.4f  auc %s  loss %.4f  train_loss %s  n=%d",
-            site, m["accuracy"], _fmt(m.get("auc")), m["loss"],
-            _fmt(train.get("train_loss")), m["num-examples"])
+        log(
+            INFO,
+            "    %-12s accuracy %.4f  auc %s  loss %.4f  train_loss %s  n=%d",
+            site,
+            m["accuracy"],
+            _fmt(m.get("auc")),
+            m["loss"],
+            _fmt(train.get("train_loss")),
+            m["num-examples"],
+        )
 
 
 def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
+    return (
+        "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
+    )
 
 
-def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[dict[str, Any]],
-            ledger: PrivacyLedger, outcome: dict[str, Any] | None = None) -> None:
+def _finish(
+    run: RunFolder,
+    cfg: DictConfig,
+    arrays: ArrayRecord,
+    history: list[dict[str, Any]],
+    ledger: PrivacyLedger,
+    outcome: dict[str, Any] | None = None,
+) -> None:
     """Write the final model, summary and plot; print where the run folder is."""
     run.save_model("final_model.pt", arrays.to_torch_state_dict())
     last = history[-1] if history else {"pooled": {}, "per_site": {}}
@@ -185,9 +235,16 @@ def _finish(run: RunFolder, cfg: DictConfig, arrays: ArrayRecord, history: list[
     }
     run.write_json("summary.json", summary)
     if history:
-        plot_rounds(history, run.path / "plots" / "metrics.png",
-                    f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}")
-    log(INFO, "fedclinic: mean per-site accuracy %s, pooled AUC %s",
-        _fmt(summary["mean_site_accuracy"]), _fmt(last["pooled"].get("auc")))
+        plot_rounds(
+            history,
+            run.path / "plots" / "metrics.png",
+            f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",
+        )
+    log(
+        INFO,
+        "fedclinic: mean per-site accuracy %s, pooled AUC %s",
+        _fmt(summary["mean_site_accuracy"]),
+        _fmt(last["pooled"].get("auc")),
+    )
     ledger.log_final(summary["privacy"])
     log(INFO, "fedclinic: run folder: %s", run.path)

@@ -55,7 +55,7 @@ class RunFolder:
 
     @classmethod
     def create(cls, cfg: DictConfig) -> RunFolder:
-        """Make ``<output_dir>/<timestamp>_<task>_<strategy>[_privacy]`` (unique) and save the config."""
+        """Make a unique ``<output_dir>/<timestamp>_<task>_<strategy>[_<privacy>]``; save config."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         parts = [stamp, str(cfg.task.name), str(cfg.strategy.name)]
         if cfg.privacy.name != "none":

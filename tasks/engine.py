@@ -58,7 +58,9 @@ def train(
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             loss = criterion(model(x), y) if len(y) else model(x).sum() * 0.0
-            objective = loss + proximal_term(model, global_params, proximal_mu) if proximal_mu else loss
+            objective = (
+                loss + proximal_term(model, global_params, proximal_mu) if proximal_mu else loss
+            )
             objective.backward()
             optimizer.step()
             total_loss += loss.item() * len(y)
@@ -67,7 +69,9 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Return (labels, class probabilities, summed cross-entropy) over a loader."""
     model.to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -81,7 +85,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return np.concatenate(labels), np.concatenate(probs), loss
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, loss_sum: float) -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, loss_sum: float
+) -> dict[str, Any]:
     """Loss, accuracy, AUC (scikit-learn), sensitivity, specificity and score histograms.
 
     AUC is NaN when the site's test set holds a single class (it is undefined there).
@@ -153,8 +159,9 @@ def make_optimizer(model: nn.Module, task_cfg: Any) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     lr, weight_decay = float(task_cfg.lr), float(task_cfg.get("weight_decay", 0.0))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(task_cfg.get("momentum", 0.0)),
-                               weight_decay=weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=float(task_cfg.get("momentum", 0.0)), weight_decay=weight_decay
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"task.optimizer must be 'sgd' or 'adam', got '{name}'")

@@ -16,7 +16,9 @@ def test_default_config_is_the_embedded_breast_cancer_run() -> None:
 
 
 def test_overrides_select_groups_and_set_keys() -> None:
-    cfg = compose_config("task=heart_disease strategy=fedprox num_rounds=20 strategy.proximal_mu=0.5")
+    cfg = compose_config(
+        "task=heart_disease strategy=fedprox num_rounds=20 strategy.proximal_mu=0.5"
+    )
     assert cfg.task.name == "heart_disease"
     assert cfg.task.protocol == "flamby"
     assert cfg.strategy.proximal_mu == 0.5

@@ -43,11 +43,19 @@ def test_standardize_centres_scales_and_imputes() -> None:
 
 
 def test_sites_standardise_with_global_not_local_statistics(shared_data: Path) -> None:
-    from tasks.heart_disease import TASK
     from tasks.base import SiteRef
+    from tasks.heart_disease import TASK
 
-    cfg = OmegaConf.create({"task": {"data_dir": str(shared_data / "heart_disease"),
-                                     "protocol": "flamby", "test_fraction": 0.34, "split_seed": 42}})
+    cfg = OmegaConf.create(
+        {
+            "task": {
+                "data_dir": str(shared_data / "heart_disease"),
+                "protocol": "flamby",
+                "test_fraction": 0.34,
+                "split_seed": 42,
+            }
+        }
+    )
     sites = [TASK.load_site(cfg, SiteRef(name, index=i)) for i, name in enumerate(SITE_FILES)]
     stats = combine_moments([TASK.local_statistics(s) for s in sites])
     swiss = TASK.apply_statistics(sites[2], stats)

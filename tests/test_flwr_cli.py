@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.flwr_cli import REPO, VENV_BIN, flwr_env, free_port, port_is_bound, stop_superlink, superlink_pids
+from tests.flwr_cli import (
+    REPO,
+    VENV_BIN,
+    flwr_env,
+    free_port,
+    port_is_bound,
+    stop_superlink,
+    superlink_pids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,13 +31,24 @@ def isolated_flwr(tmp_path: Path):
     assert not superlink_pids(port), "the local SuperLink outlived the test"
 
 
-def test_heart_disease_fedavg_through_flwr_run(isolated_flwr, shared_data: Path, tmp_path: Path) -> None:
+def test_heart_disease_fedavg_through_flwr_run(
+    isolated_flwr, shared_data: Path, tmp_path: Path
+) -> None:
     env, port = isolated_flwr
     out = tmp_path / "runs"
-    overrides = (f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} "
-                 f"num_rounds=20 output_dir={out}")
-    proc = subprocess.run(["scripts/flwr_local.sh", *overrides.split()], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    overrides = (
+        f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} "
+        f"num_rounds=20 output_dir={out}"
+    )
+    proc = subprocess.run(
+        ["scripts/flwr_local.sh", *overrides.split()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     # The wrapper stopped the SuperLink it started, and the port is free again.
@@ -41,8 +60,14 @@ def test_heart_disease_fedavg_through_flwr_run(isolated_flwr, shared_data: Path,
         assert f"    {site}" in log  # per-site progress lines
     run_dir = Path(log.split("fedclinic: run folder: ")[-1].split()[0])
     assert run_dir.parent == out
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final_model.pt",
-                 "plots/metrics.png", "checkpoints/latest.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "final_model.pt",
+        "plots/metrics.png",
+        "checkpoints/latest.pt",
+    ):
         assert (run_dir / name).is_file(), name
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -54,12 +79,25 @@ def test_heart_disease_fedavg_through_flwr_run(isolated_flwr, shared_data: Path,
     assert summary["per_site"]["cleveland"]["num-examples"] == 104
 
 
-def test_bad_override_fails_before_training_with_a_clear_message(isolated_flwr, tmp_path: Path) -> None:
+def test_bad_override_fails_before_training_with_a_clear_message(
+    isolated_flwr, tmp_path: Path
+) -> None:
     env, _ = isolated_flwr
     proc = subprocess.run(
-        [str(VENV_BIN / "flwr"), "run", ".", "--stream",
-         "--run-config", f'overrides="strategy=fedsgd output_dir={tmp_path}"'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            str(VENV_BIN / "flwr"),
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            f'overrides="strategy=fedsgd output_dir={tmp_path}"',
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     log = proc.stdout + proc.stderr
     assert "invalid override 'strategy=fedsgd': 'strategy' must be one of: fedadam, fedavg" in log

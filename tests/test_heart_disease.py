@@ -15,9 +15,16 @@ from tasks.heart_disease import SITE_FILES, TASK, encode, read_site_file
 
 
 def _cfg(data_dir: Path | None, protocol: str = "flamby"):
-    return OmegaConf.create({"task": {"data_dir": str(data_dir) if data_dir else None,
-                                      "protocol": protocol, "test_fraction": 0.34,
-                                      "split_seed": 42}})
+    return OmegaConf.create(
+        {
+            "task": {
+                "data_dir": str(data_dir) if data_dir else None,
+                "protocol": protocol,
+                "test_fraction": 0.34,
+                "split_seed": 42,
+            }
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -31,8 +38,9 @@ def test_protocol_patient_counts(shared_data: Path, protocol: str, counts: list[
 
 
 def test_encoding_one_hot_and_binary_target(shared_data: Path) -> None:
-    x, y, names = encode(read_site_file(shared_data / "heart_disease" / SITE_FILES["cleveland"]),
-                         "flamby")
+    x, y, names = encode(
+        read_site_file(shared_data / "heart_disease" / SITE_FILES["cleveland"]), "flamby"
+    )
     assert names[:2] == ["age", "sex"] and "cp=4" in names and "restecg=2" in names
     assert not {"slope", "ca", "thal"} & set(names)
     cp = [names.index(f"cp={k}") for k in (1, 2, 3, 4)]
@@ -41,8 +49,9 @@ def test_encoding_one_hot_and_binary_target(shared_data: Path) -> None:
 
 
 def test_chol_zero_is_read_as_unknown(shared_data: Path) -> None:
-    x, _, names = encode(read_site_file(shared_data / "heart_disease" / SITE_FILES["switzerland"]),
-                         "flamby")
+    x, _, names = encode(
+        read_site_file(shared_data / "heart_disease" / SITE_FILES["switzerland"]), "flamby"
+    )
     assert np.isnan(x[:, names.index("chol")]).all()
 
 
@@ -75,7 +84,9 @@ def test_truncated_row_names_file_and_line(broken_copy: Path) -> None:
     lines = path.read_text().splitlines()
     lines[6] = ",".join(lines[6].split(",")[:9])
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"processed\.hungarian\.data, line 7: expected 14 .*found 9"):
+    with pytest.raises(
+        DataError, match=r"processed\.hungarian\.data, line 7: expected 14 .*found 9"
+    ):
         TASK.load_site(_cfg(broken_copy), SiteRef("hungary", index=1))
 
 
@@ -86,14 +97,18 @@ def test_non_numeric_cell_names_file_line_and_column(broken_copy: Path) -> None:
     cells[4] = "high"
     lines[41] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"processed\.va\.data, line 42: column 'chol' holds 'high'"):
+    with pytest.raises(
+        DataError, match=r"processed\.va\.data, line 42: column 'chol' holds 'high'"
+    ):
         TASK.load_site(_cfg(broken_copy), SiteRef("va", index=3))
 
 
-def test_missing_data_directory_and_missing_file_are_explained(tmp_path: Path, broken_copy: Path) -> None:
+def test_missing_data_directory_and_missing_file_are_explained(
+    tmp_path: Path, broken_copy: Path
+) -> None:
     with pytest.raises(DataError, match=r"task.data_dir '.*nowhere' is not a folder"):
         TASK.load_site(_cfg(tmp_path / "nowhere"), SiteRef("cleveland", index=0))
-    with pytest.raises(DataError, match="task.data_dir is not set"):
+    with pytest.raises(DataError, match=r"task\.data_dir is not set"):
         TASK.load_site(_cfg(None), SiteRef("cleveland", index=0))
     (broken_copy / SITE_FILES["cleveland"]).unlink()
     with pytest.raises(DataError, match=r"data file not found: .*processed\.cleveland\.data"):
@@ -101,5 +116,5 @@ def test_missing_data_directory_and_missing_file_are_explained(tmp_path: Path, b
 
 
 def test_unknown_protocol_is_rejected(shared_data: Path) -> None:
-    with pytest.raises(DataError, match="task.protocol must be one of flamby, impute"):
+    with pytest.raises(DataError, match=r"task\.protocol must be one of flamby, impute"):
         TASK.load_site(_cfg(shared_data / "heart_disease", "drop_all"), SiteRef("va", index=3))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 import strategies
@@ -27,15 +35,19 @@ def _run_identity():
 
 
 def _reply(weights: np.ndarray, num_examples: int, site: str, loss: float) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(weights)}),
-        "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples}),
-        "site": ConfigRecord({"name": site}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(weights)}),
+            "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
-@pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)]
+)
 def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
     strategy = strategies.build(compose_config(f"strategy={name}"), num_sites=4)
     assert type(strategy) is cls
@@ -46,11 +58,15 @@ def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
 
 def test_aggregate_is_weighted_by_training_examples() -> None:
     collector = SiteMetricsCollector()
-    strategy = strategies.build(compose_config(""), num_sites=3,
-                                train_metrics_aggr_fn=collector.train)
+    strategy = strategies.build(
+        compose_config(""), num_sites=3, train_metrics_aggr_fn=collector.train
+    )
     updates = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([4.0, 4.0])]
     sizes = [10, 30, 60]
-    replies = [_reply(u, n, f"site-{i}", float(i)) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
+    replies = [
+        _reply(u, n, f"site-{i}", float(i))
+        for i, (u, n) in enumerate(zip(updates, sizes, strict=True))
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     expected = sum(n * u for u, n in zip(updates, sizes, strict=True)) / sum(sizes)
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)
