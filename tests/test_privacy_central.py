@@ -19,7 +19,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 import strategies
@@ -33,13 +32,7 @@ DIM = 2000
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What a ServerApp process sets before it creates messages (run, node and task ids)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class NodeGrid:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import Subset
@@ -31,13 +30,7 @@ from tasks.federated_stats import combine_moments
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What a ServerApp process sets before it creates messages (run, node and task ids)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def heart_cfg(shared_data: Path, overrides: str):

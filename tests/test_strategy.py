@@ -19,19 +19,7 @@ import strategies
 from fl_app.config import compose_config
 from fl_app.metrics import SiteMetricsCollector
 
-
-@pytest.fixture(autouse=True)
-def _run_identity():
-    """Messages need a run id; the ServerApp runtime sets it, here we do."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    fields = ("_run_id", "_node_id", "_task_id")
-    before = {f: getattr(TaskIdentity, f) for f in fields}
-    for f in fields:
-        setattr(TaskIdentity, f, 1)
-    yield
-    for f, value in before.items():
-        setattr(TaskIdentity, f, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def _reply(weights: np.ndarray, num_examples: int, site: str, loss: float) -> Message:
