@@ -23,7 +23,6 @@ import sys
 from logging import INFO
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -31,7 +30,7 @@ from torch.utils.data import ConcatDataset
 
 from fl_app.config import ConfigError, compose_config
 from fl_app.metrics import pooled_metrics, public_site_metrics
-from fl_app.plots import plot_rounds
+from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from tasks import SiteData, SiteRef, engine, get_task
 from tasks.base import pick_device
@@ -125,27 +124,21 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
            history: list[dict[str, Any]]) -> None:
     """Write final_model.pt, summary.json (same keys as a federated run) and the plot."""
-    run.save_model("final_model.pt", _cpu_state(model))
-    last = history[-1] if history else {"pooled": {}, "per_site": {}}
-    accuracies = [m["accuracy"] for m in last["per_site"].values()]
-    summary = {
-        "task": cfg.task.name,
-        "strategy": CENTRALIZED,
-        "privacy": str(cfg.privacy.name),
-        "rounds_completed": len(history),
-        "epochs": len(history) * int(cfg.task.local_epochs),
-        "status": "completed",
-        "pooled": last["pooled"],
-        "per_site": last["per_site"],
-        "mean_site_accuracy": float(np.mean(accuracies)) if accuracies else None,
-        "run_dir": str(run.path),
-    }
-    run.write_json("summary.json", summary)
-    if history:
-        plot_rounds(history, run.path / "plots" / "metrics.png",
-                    f"{cfg.task.name} / centralized baseline (pooled training data)")
+    summary = write_results(
+        run,
+        history,
+        _cpu_state(model),
+        {
+            "task": cfg.task.name,
+            "strategy": CENTRALIZED,
+            "privacy": str(cfg.privacy.name),
+            "epochs": len(history) * int(cfg.task.local_epochs),
+            "status": "completed",
+        },
+        f"{cfg.task.name} / centralized baseline (pooled training data)",
+    )
     log(INFO, "fedclinic centralized: pooled AUC %s, run folder: %s",
-        last["pooled"].get("auc"), run.path)
+        summary["pooled"].get("auc"), run.path)
 
 
 def main(argv: list[str] | None = None) -> int:

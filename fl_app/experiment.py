@@ -18,8 +18,8 @@ import strategies
 from fl_app.config import to_json
 from fl_app.federation_guard import FederationGuard, SiteFailure
 from fl_app.metrics import SiteMetricsCollector, public_site_metrics
-from fl_app.plots import plot_rounds
 from fl_app.privacy_ledger import PrivacyLedger
+from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
@@ -219,32 +219,23 @@ def _finish(
     outcome: dict[str, Any] | None = None,
 ) -> None:
     """Write the final model, summary and plot; print where the run folder is."""
-    run.save_model("final_model.pt", arrays.to_torch_state_dict())
-    last = history[-1] if history else {"pooled": {}, "per_site": {}}
-    accuracies = [m["accuracy"] for m in last["per_site"].values()]
-    summary = {
-        "task": cfg.task.name,
-        "strategy": cfg.strategy.name,
-        "privacy": ledger.summary(),
-        "rounds_completed": len(history),
-        **(outcome or {"status": "completed"}),
-        "pooled": last["pooled"],
-        "per_site": last["per_site"],
-        "mean_site_accuracy": float(np.mean(accuracies)) if accuracies else None,
-        "run_dir": str(run.path),
-    }
-    run.write_json("summary.json", summary)
-    if history:
-        plot_rounds(
-            history,
-            run.path / "plots" / "metrics.png",
-            f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",
-        )
+    summary = write_results(
+        run,
+        history,
+        arrays.to_torch_state_dict(),
+        {
+            "task": cfg.task.name,
+            "strategy": cfg.strategy.name,
+            "privacy": ledger.summary(),
+            **(outcome or {"status": "completed"}),
+        },
+        f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",
+    )
     log(
         INFO,
         "fedclinic: mean per-site accuracy %s, pooled AUC %s",
         _fmt(summary["mean_site_accuracy"]),
-        _fmt(last["pooled"].get("auc")),
+        _fmt(summary["pooled"].get("auc")),
     )
     ledger.log_final(summary["privacy"])
     log(INFO, "fedclinic: run folder: %s", run.path)

@@ -36,6 +36,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from strategies.wrapper import StrategyWrapper
+
 STATE_KEY = "fedbn"  # context.state ArrayRecord with the site's normalisation entries
 ROUNDS_KEY = "fedbn-rounds"  # context.state MetricRecord: rounds kept so far
 CONFIG_KEY = "cfg"  # the experiment config (JSON) in every train/evaluate ConfigRecord
@@ -132,7 +134,7 @@ def fedbn_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
-class FedBN(Strategy):
+class FedBN(StrategyWrapper):
     """Server side of FedBN: aggregate what sites send, keep global entries for the rest.
 
     Wraps any Message-API strategy; every call is delegated to it. Replies that lack some of
@@ -141,19 +143,8 @@ class FedBN(Strategy):
     """
 
     def __init__(self, strategy: Strategy) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self._global: ArrayRecord | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        # attributes of the wrapped strategy (e.g. a DP wrapper's privacy_spent) stay reachable
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -183,18 +174,6 @@ class FedBN(Strategy):
                 for k, v in arrays.items()
             })
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def complete(sent: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:

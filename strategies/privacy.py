@@ -48,6 +48,7 @@ from strategies.budget import (
     site_budget,
 )
 from strategies.central_dp import accounted_noise_multiplier, build_central_dp
+from strategies.wrapper import StrategyWrapper
 
 SITE_RECORD = "site"  # ConfigRecord {"name": site} in every reply (fl_app.metrics.SITE_RECORD)
 
@@ -82,12 +83,11 @@ def wrap_strategy(base: Strategy, cfg: DictConfig, num_sites: int,
     return PrivacyGuard(inner, cfg, node_sites or {})
 
 
-class PrivacyGuard(Strategy):
+class PrivacyGuard(StrategyWrapper):
     """Budget-aware wrapper: exclusion of exhausted sites, central accounting, ledger lines."""
 
     def __init__(self, strategy: Strategy, cfg: DictConfig, node_sites: dict[int, str]) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.cfg = cfg
         self.mechanism = check_privacy_config(cfg)
         self.central = self.mechanism == "central_dp"
@@ -296,17 +296,8 @@ class PrivacyGuard(Strategy):
 
     # ----- evaluation and reporting --------------------------------------------------------------
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Every site evaluates, exhausted ones too (its test split is not its training data)."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """The wrapped strategy's evaluation aggregate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+    # configure_evaluate / aggregate_evaluate are delegated: every site evaluates, exhausted
+    # ones too (a site's test split is not its training data).
 
     def summary(self) -> None:
         """Log the privacy settings, then the wrapped strategy's summary."""
