@@ -86,20 +86,21 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     )
 
     model = task.build_model(cfg, info)
+    node_sites = {f.node_id: f.name for f in facts}
     collector = SiteMetricsCollector()
     strategy = strategies.build(
         cfg,
         len(facts),
         train_metrics_aggr_fn=collector.train,
         evaluate_metrics_aggr_fn=collector.evaluate,
-        node_sites={f.node_id: f.name for f in facts},
+        node_sites=node_sites,
     )
     ledger = PrivacyLedger(run, cfg, strategy)
     # Rounds see only the sites queried above, and a hospital that drops out never hangs the
     # server: on_site_failure decides between going on (while min_sites remain) and stopping.
     guard = FederationGuard(
         grid,
-        {f.node_id: f.name for f in facts},
+        node_sites,
         int(cfg.min_sites or len(facts)),
         float(cfg.wait_for_nodes_s),
         str(cfg.get("on_site_failure", "continue")),
@@ -107,7 +108,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     stopped: SiteFailure | None = None
     latest = {"arrays": ArrayRecord(model.state_dict())}  # the model after the last round
     record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
-    site_names = [f.name for f in facts]
+    site_names = list(node_sites.values())
     history: list[dict[str, Any]] = []
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -46,8 +46,8 @@ class PrivacyLedger:
         if self.guard is None:
             return 0
         lines = self.guard.pop_ledger()
-        for line in lines:
-            self.run.append_jsonl(LEDGER_FILE, line)
+        if lines:
+            self.run.append_jsonl(LEDGER_FILE, *lines)
         return len(lines)
 
     def summary(self) -> dict[str, Any]:

@@ -84,10 +84,10 @@ class RunFolder:
         """Atomically write JSON (NaN written as null)."""
         return self.write_text(name, json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n")
 
-    def append_jsonl(self, name: str, record: dict[str, Any]) -> Path:
-        """Add one line to a JSON-lines file; the whole file is rewritten atomically."""
+    def append_jsonl(self, name: str, *records: dict[str, Any]) -> Path:
+        """Add lines to a JSON-lines file; the whole file is rewritten atomically, once."""
         lines = self._jsonl.setdefault(name, self._existing_lines(name))
-        lines.append(json.dumps(json_safe(record), sort_keys=True))
+        lines.extend(json.dumps(json_safe(r), sort_keys=True) for r in records)
         return self.write_text(name, "\n".join(lines) + "\n")
 
     def _existing_lines(self, name: str) -> list[str]:
