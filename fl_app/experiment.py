@@ -23,7 +23,6 @@ from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
-    FederationError,
     expected_num_sites,
     global_statistics,
     model_info,
@@ -125,8 +124,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
         _log_round(line, int(cfg.num_rounds))
         collector.reset()
-        if not line["train"]:
-            raise FederationError(
+        if not line["train"]:  # SiteFailure: caught below, summary.json still written
+            raise SiteFailure(
                 f"round {server_round}: no site returned a model update, so the run stops "
                 f"instead of going on with an untrained model. Site errors: {line['failures']}"
             )
