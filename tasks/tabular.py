@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,9 @@ def apply_statistics(site: SiteData, stats: dict[str, Any] | None) -> SiteData:
             torch.from_numpy(standardize(x, stats)), torch.from_numpy(y.astype(np.int64))
         )
 
-    site.train = dataset(site.raw["x_train"], site.raw["y_train"])
-    site.test = dataset(site.raw["x_test"], site.raw["y_test"])
-    return site
+    # a new SiteData: the raw site is cached per process and must stay as loaded
+    return replace(
+        site,
+        train=dataset(site.raw["x_train"], site.raw["y_train"]),
+        test=dataset(site.raw["x_test"], site.raw["y_test"]),
+    )
