@@ -17,7 +17,6 @@ from tasks.base import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".pgm", ".tif", ".tiff", ".bmp")
 ARRAY_SUFFIXES = (".npz", ".npy")
-TEXT_SUFFIXES = (".data", ".csv", ".txt", ".tsv")
 NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 MAX_LISTED = 2000  # files looked at when describing a folder
 
