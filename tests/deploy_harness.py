@@ -39,8 +39,9 @@ HEART_FILES = {
 }
 
 
-def free_port(taken: set[int]) -> int:
+def free_port(taken: set[int] | None = None) -> int:
     """A TCP port on 127.0.0.1 that is free now and not in ``taken`` (which it joins)."""
+    taken = set() if taken is None else taken
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.deploy_harness import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flwr_env(flwr_home: Path, port: int) -> dict[str, str]:
@@ -61,9 +55,3 @@ def stop_superlink(port: int, grace_s: float = 10.0) -> None:
         time.sleep(0.2)
     for pid in superlink_pids(port):
         os.kill(pid, signal.SIGKILL)
-
-
-def port_is_bound(port: int) -> bool:
-    """Whether something still listens on 127.0.0.1:``port``."""
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0

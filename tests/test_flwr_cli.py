@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flwr_cli import (
-    REPO,
-    VENV_BIN,
-    flwr_env,
-    free_port,
-    port_is_bound,
-    stop_superlink,
-    superlink_pids,
-)
+from tests.deploy_harness import free_port, port_is_free
+from tests.flwr_cli import REPO, VENV_BIN, flwr_env, stop_superlink, superlink_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +46,7 @@ def test_heart_disease_fedavg_through_flwr_run(
     assert proc.returncode == 0, log[-3000:]
     # The wrapper stopped the SuperLink it started, and the port is free again.
     assert not superlink_pids(port)
-    assert not port_is_bound(port)
+    assert port_is_free(port)
 
     assert "[round 1/20]" in log and "[round 20/20]" in log
     for site in ("cleveland", "hungary", "switzerland", "va"):
