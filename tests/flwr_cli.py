@@ -11,7 +11,6 @@ from pathlib import Path
 
 from tests.deploy_harness import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 

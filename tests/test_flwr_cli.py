@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import free_port, port_is_free
-from tests.flwr_cli import REPO, VENV_BIN, flwr_env, stop_superlink, superlink_pids
+from tests.deploy_harness import REPO, free_port, port_is_free
+from tests.flwr_cli import VENV_BIN, flwr_env, stop_superlink, superlink_pids
 
 pytestmark = pytest.mark.e2e
 
