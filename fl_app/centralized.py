@@ -44,7 +44,7 @@ DEFAULT_SITES = 3
 
 def centralized_config(cfg: DictConfig) -> DictConfig:
     """The config as the baseline runs it: strategy ``centralized``, concrete site count."""
-    if str(cfg.privacy.name) != "none":
+    if cfg.privacy.name != "none":
         raise ConfigError("the centralized baseline trains without differential privacy; "
                           "drop the privacy=... override")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -58,7 +58,7 @@ def centralized_config(cfg: DictConfig) -> DictConfig:
 
 def load_sites(cfg: DictConfig) -> list[SiteData]:
     """Every site of the config, prepared as in the federated run (federated statistics too)."""
-    task = get_task(str(cfg.task.name))
+    task = get_task(cfg.task.name)
     sites = [task.load_site(cfg, SiteRef(name=name, index=i))
              for i, name in enumerate(task.site_names(cfg))]
     moments = [task.local_statistics(site) for site in sites]
@@ -71,10 +71,10 @@ def run_centralized(cfg: DictConfig) -> RunFolder:
     from fl_app.experiment import seed_everything
 
     cfg = centralized_config(cfg)
-    seed_everything(int(cfg.seed))
-    task = get_task(str(cfg.task.name))
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task.name)
     sites = load_sites(cfg)
-    device = pick_device(str(cfg.device))
+    device = pick_device(cfg.device)
     model = task.build_model(cfg, sites[0].info)
     run = RunFolder.create(cfg)
     run.write_json("sites.json", {"sites": [
@@ -85,10 +85,10 @@ def run_centralized(cfg: DictConfig) -> RunFolder:
     pooled_train = ConcatDataset([s.train for s in sites])
     optimizer = engine.make_optimizer(model, cfg.task)
     history: list[dict[str, Any]] = []
-    for round_ in range(1, int(cfg.num_rounds) + 1):
-        loader = engine.make_loader(pooled_train, int(cfg.task.batch_size), shuffle=True,
-                                    seed=int(cfg.seed) + round_)
-        result = engine.train(model, loader, epochs=int(cfg.task.local_epochs),
+    for round_ in range(1, cfg.num_rounds + 1):
+        loader = engine.make_loader(pooled_train, cfg.task.batch_size, shuffle=True,
+                                    seed=cfg.seed + round_)
+        result = engine.train(model, loader, epochs=cfg.task.local_epochs,
                               optimizer=optimizer, device=device)
         line = evaluate_sites(model, sites, device, round_, result["train_loss"])
         history.append(line)
@@ -131,8 +131,8 @@ def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
         {
             "task": cfg.task.name,
             "strategy": CENTRALIZED,
-            "privacy": str(cfg.privacy.name),
-            "epochs": len(history) * int(cfg.task.local_epochs),
+            "privacy": cfg.privacy.name,
+            "epochs": len(history) * cfg.task.local_epochs,
             "status": "completed",
         },
         f"{cfg.task.name} / centralized baseline (pooled training data)",

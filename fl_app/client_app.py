@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(session, msg)
     server_round = int(msg.content["config"].get("server-round", 0))
     loader = engine.make_loader(
-        site.train, int(cfg.task.batch_size), shuffle=True, seed=int(cfg.seed) + server_round
+        site.train, cfg.task.batch_size, shuffle=True, seed=cfg.seed + server_round
     )
     privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device)
     if (refusal := privacy.refusal(msg.content["config"])) is not None:
@@ -81,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = engine.make_optimizer(model, cfg.task)
     model, optimizer, loader = privacy.private(model, optimizer, loader)
     result = engine.train(
-        model, loader, epochs=int(cfg.task.local_epochs), optimizer=optimizer,
+        model, loader, epochs=cfg.task.local_epochs, optimizer=optimizer,
         device=session.device, proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         step_on_empty=privacy.step_on_empty,
     )

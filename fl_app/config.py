@@ -1,24 +1,30 @@
 """Compose, validate and ship the Hydra experiment config.
 
-The server composes the config once from the run config's ``overrides`` string, checks it,
-and sends it to the sites as a JSON string, so a hospital never needs the yaml files.
+The server composes the config once from the run config's ``overrides`` string (typed and
+checked by the schema in fl_app/schema/) and sends it to the sites as a JSON string, so a
+hospital never needs the yaml files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from fl_app.schema import GROUPS, register
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
+
+register()  # the typed schema of every config group option (fl_app/schema/)
 
 
 class ConfigError(ValueError):
@@ -51,80 +57,115 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _explain(err: Exception, overrides: list[str]) -> str:
-    """Turn Hydra's composition error into one message naming the key and valid choices."""
-    text = str(err).strip()
+    """Turn Hydra's/OmegaConf's composition error into one line naming the key and the fix."""
+    text = " ".join(str(err).split())
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    full_key = str(getattr(cause, "full_key", "") or "")
     groups = [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in groups and f"'{key}/" in text:
             choices = ", ".join(_group_options(key))
             return f"invalid override '{item}': '{key}' must be one of: {choices}"
-        if f"'{key}'" in text:
-            return f"invalid override '{item}': unknown key '{key}'. {_valid_keys(key)}"
+        if key != full_key and f"'{key}'" not in text:
+            continue
+        others = [o for o in overrides if o != item]
+        if isinstance(cause, ValidationError):
+            return f"invalid override '{item}': {_expected(key, others)}: {_reason(cause)}"
+        return f"invalid override '{item}': unknown key '{key}'. {_valid_keys(key, others)}"
+    if full_key:
+        return f"invalid config at '{full_key}': {_reason(cause)}"
     return f"invalid overrides {overrides}: {text}"
 
 
-def _valid_keys(key: str) -> str:
-    """List the keys that exist next to ``key`` in the default config."""
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
+def _reason(err: Exception) -> str:
+    """OmegaConf's own first line (e.g. "Value 'abc' of type 'str' could not be ...")."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _selected(overrides: list[str]) -> DictConfig | None:
+    """The config the other overrides select (the options actually chosen), or None."""
     try:
-        node = _compose([]) if not parent else OmegaConf.select(_compose([]), parent)
+        return _compose(overrides)
     except ConfigError:
-        return ""
+        return None
+
+
+def _expected(key: str, others: list[str]) -> str:
+    """"'<key>' expects <type> (default <value>)", from the schema of the selected option."""
+    cfg = _selected(others)
+    parent, _, leaf = key.rpartition(".")
+    node = cfg if cfg is None or not parent else OmegaConf.select(cfg, parent)
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    hints = get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    if leaf not in hints:
+        return f"'{key}' has the wrong type"
+    expected = hints[leaf]
+    name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    default = OmegaConf.select(node, leaf, default=None)
+    return f"'{key}' expects {name} (default {default!r})"
+
+
+def _valid_keys(key: str, others: list[str]) -> str:
+    """List the keys next to ``key`` in the config the other overrides select."""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    cfg = _selected(others)
+    node = cfg if cfg is None or not parent else OmegaConf.select(cfg, parent)
     if not isinstance(node, DictConfig):
         return ""
     keys = ", ".join(sorted(str(k) for k in node if k != "hydra"))
     return f"Valid keys{' under ' + repr(parent) if parent else ''}: {keys}"
 
 
-def _check_types(cfg: Any, reference: Any, overrides: list[str]) -> None:
-    """Fail on an override whose value has another type than the default it replaces."""
-    for item in overrides:
-        if "=" not in item or item.startswith(("+", "~", "hydra.")):
-            continue
-        key = item.split("=", 1)[0]
-        default = OmegaConf.select(reference, key, default=None)
-        value = OmegaConf.select(cfg, key, default=None)
-        if default is None or value is None or isinstance(default, (DictConfig, ListConfig)):
-            continue
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not (
-                isinstance(default, int) and isinstance(value, float)
-            )
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(
-                f"invalid override '{item}': '{key}' expects {type(default).__name__} "
-                f"(default {default!r}), got {type(value).__name__} {value!r}"
-            )
-
-
 def compose_config(overrides: str | list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides; raise ConfigError on a bad override.
 
-    Unknown group options and unknown keys are rejected by Hydra (the config is in struct
-    mode); a value of the wrong type is rejected by comparing it with the default it replaces.
+    The schema (fl_app/schema/, Hydra structured configs) makes OmegaConf reject unknown
+    group options, unknown keys, values of the wrong type and missing values.
     """
     items = parse_overrides(overrides)
-    cfg = _compose(items)
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    group_choices = [i for i in items if i.split("=", 1)[0] in groups]
-    reference = _compose(group_choices)
-    _check_types(cfg, reference, items)
-    return resolve(cfg)
+    cfg = resolve(_compose(items))
+    _reject_added_keys(cfg, items)
+    return cfg
+
+
+def _reject_added_keys(cfg: DictConfig, items: list[str]) -> None:
+    """Refuse keys a ``+key=value`` override added outside the schema.
+
+    Hydra applies ``+`` with the struct flag off, so OmegaConf checks the composed config
+    once more by merging its values into a fresh copy of each schema (root, then every group).
+    """
+    for prefix, node in [("", cfg), *((f"{g}.", cfg[g]) for g in GROUPS if g in cfg)]:
+        try:
+            schema = OmegaConf.structured(OmegaConf.get_type(node))
+            OmegaConf.merge(schema, OmegaConf.to_container(node))
+        except OmegaConfBaseException as err:
+            key = prefix + str(getattr(err, "full_key", "") or "")
+            item = next((i for i in items if i.lstrip("+").split("=", 1)[0] == key), key)
+            raise ConfigError(
+                f"invalid override '{item}': unknown key '{key}'. "
+                f"{_valid_keys(key, [i for i in items if i != item])}"
+            ) from None
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
-    """Resolve interpolations once and drop Hydra's own section: what a run actually used."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    resolved = OmegaConf.create(container)
-    OmegaConf.set_struct(resolved, True)
-    return resolved
+    """Resolve interpolations once and drop Hydra's own section: what a run actually used.
+
+    The result keeps its schema (typed, struct): reading ``cfg.task.lr`` gives a float.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing value for {', '.join(repr(k) for k in missing)}: set it in the yaml or "
+            f"with an override ({missing[0]}=...)"
+        )
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, [])) from None
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
 
 
 def to_json(cfg: DictConfig) -> str:
@@ -133,7 +174,7 @@ def to_json(cfg: DictConfig) -> str:
 
 
 def from_json(text: str) -> DictConfig:
-    """Read back a config sent by the server."""
+    """Read back a config sent by the server (validated and typed there by the schema)."""
     cfg = OmegaConf.create(json.loads(text))
     OmegaConf.set_struct(cfg, True)
     return cfg

@@ -43,15 +43,15 @@ def seed_everything(seed: int) -> None:
 
 def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     """Run the experiment described by the resolved ``cfg``; return its run folder."""
-    seed_everything(int(cfg.seed))
-    task = get_task(str(cfg.task.name))
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
     if expected is None:  # simulated partition: one site per connected SuperNode
-        nodes = wait_for_stable_nodes(grid, float(cfg.wait_for_nodes_s))
+        nodes = wait_for_stable_nodes(grid, cfg.wait_for_nodes_s)
         cfg.partition.num_sites = len(nodes)
     else:
-        nodes = wait_for_nodes(grid, expected, float(cfg.wait_for_nodes_s))
-    facts = query_sites(grid, cfg, nodes, float(cfg.round_timeout_s))
+        nodes = wait_for_nodes(grid, expected, cfg.wait_for_nodes_s)
+    facts = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
     run = RunFolder.create(cfg)
     log(
         INFO,
@@ -101,8 +101,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         grid,
         node_sites,
         int(cfg.min_sites or len(facts)),
-        float(cfg.wait_for_nodes_s),
-        str(cfg.get("on_site_failure", "continue")),
+        cfg.wait_for_nodes_s,
+        cfg.get("on_site_failure", "continue"),
     )
     stopped: SiteFailure | None = None
     latest = {"arrays": ArrayRecord(model.state_dict())}  # the model after the last round
@@ -122,7 +122,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
-        _log_round(line, int(cfg.num_rounds))
+        _log_round(line, cfg.num_rounds)
         collector.reset()
         if not line["train"]:  # SiteFailure: caught below, summary.json still written
             raise SiteFailure(
@@ -135,8 +135,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         result = strategy.start(
             grid=guard,
             initial_arrays=latest["arrays"],
-            num_rounds=int(cfg.num_rounds),
-            timeout=float(cfg.round_timeout_s),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout_s,
             train_config=ConfigRecord(dict(record)),
             evaluate_config=ConfigRecord(dict(record)),
             evaluate_fn=end_of_round,

@@ -53,7 +53,7 @@ class PrivacyLedger:
     def summary(self) -> dict[str, Any]:
         """The summary.json ``privacy`` section: final (epsilon, delta) per site and central."""
         if self.guard is None:
-            return {"name": str(self.cfg.privacy.name), "mechanism": "none"}
+            return {"name": self.cfg.privacy.name, "mechanism": "none"}
         return self.guard.privacy_summary()
 
     def log_final(self, section: dict[str, Any]) -> None:

@@ -57,10 +57,10 @@ class RunFolder:
     def create(cls, cfg: DictConfig) -> RunFolder:
         """Make a unique ``<output_dir>/<timestamp>_<task>_<strategy>[_<privacy>]``; save config."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        parts = [stamp, str(cfg.task.name), str(cfg.strategy.name)]
+        parts = [stamp, cfg.task.name, cfg.strategy.name]
         if cfg.privacy.name != "none":
-            parts.append(str(cfg.privacy.name))
-        root = Path(str(cfg.output_dir)).expanduser().resolve()
+            parts.append(cfg.privacy.name)
+        root = Path(cfg.output_dir).expanduser().resolve()
         base = root / "_".join(parts)
         path, n = base, 1
         while True:

@@ -24,7 +24,7 @@ def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
     """Simulate one SuperNode per site for the resolved ``cfg``; return the run folder."""
     from flwr.simulation import run_simulation  # imports Ray: keep it off the module path
 
-    num_sites = expected_num_sites(cfg, get_task(str(cfg.task.name))) or DEFAULT_SIMULATED_SITES
+    num_sites = expected_num_sites(cfg, get_task(cfg.task.name)) or DEFAULT_SIMULATED_SITES
     folders: list[RunFolder] = []
     server = ServerApp()
 
@@ -51,7 +51,7 @@ def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
 def num_supernodes(overrides: str) -> int:
     """How many simulated SuperNodes an experiment needs (one per site)."""
     cfg = compose_config(overrides)
-    return expected_num_sites(cfg, get_task(str(cfg.task.name))) or DEFAULT_SIMULATED_SITES
+    return expected_num_sites(cfg, get_task(cfg.task.name)) or DEFAULT_SIMULATED_SITES
 
 
 if __name__ == "__main__":

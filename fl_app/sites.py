@@ -39,7 +39,7 @@ class SiteFacts:
 def expected_num_sites(cfg: DictConfig, task: Task) -> int | None:
     """``min_sites`` if set, else every site the task defines; None = one per SuperNode."""
     if cfg.get("min_sites"):
-        return int(cfg.min_sites)
+        return cfg.min_sites
     if not task.natural_sites and cfg.partition.get("num_sites") is None:
         return None
     return len(task.site_names(cfg))

@@ -114,17 +114,17 @@ def check_privacy_config(cfg: DictConfig) -> str:
     budget = p.get("budget", None)
     if budget is not None:
         _positive(budget, "epsilon", allow_none=True)
-        if budget.get("delta") is not None and not 0 < float(budget.delta) < 1:
+        if budget.get("delta") is not None and not 0 < budget.delta < 1:
             raise PrivacyConfigError(
                 f"privacy.budget.delta must be in (0, 1), got {budget.delta!r}"
             )
         if (mech == "central_dp" and budget.get("delta") is not None
-                and float(budget.delta) != float(delta)):
+                and budget.delta != float(delta)):
             # the server composes central DP at target_delta; one delta keeps the check honest
             raise PrivacyConfigError(
                 "central_dp: privacy.budget.delta must be null or equal privacy.target_delta"
             )
-        if int(budget.get("min_sites", 1)) < 1:
+        if budget.get("min_sites", 1) < 1:
             raise PrivacyConfigError("privacy.budget.min_sites must be at least 1")
         for site, item in (budget.get("per_site") or {}).items():
             if not isinstance(item, DictConfig) or item.get("epsilon") is None:
@@ -158,8 +158,8 @@ def site_budget(cfg: DictConfig, site: str, node_config: dict[str, Any] | None =
     delta = float(p.get("target_delta", None) or 0.0)
     eps: float | None = None
     if budget is not None:
-        eps = None if budget.get("epsilon") is None else float(budget.epsilon)
-        delta = float(budget.delta) if budget.get("delta") is not None else delta
+        eps = None if budget.get("epsilon") is None else budget.epsilon
+        delta = budget.delta if budget.get("delta") is not None else delta
         per_site = budget.get("per_site") or {}
         if site in per_site:
             eps = float(per_site[site].epsilon)
@@ -172,7 +172,7 @@ def site_budget(cfg: DictConfig, site: str, node_config: dict[str, Any] | None =
 def min_sites(cfg: DictConfig) -> int:
     """Fewest sites with budget left for the run to go on (``privacy.budget.min_sites``)."""
     budget = cfg.privacy.get("budget", None)
-    return int(budget.get("min_sites", 1)) if budget is not None else 1
+    return budget.get("min_sites", 1) if budget is not None else 1
 
 
 def spend_record(spend: dict[str, Any]) -> ConfigRecord:

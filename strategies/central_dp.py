@@ -172,7 +172,7 @@ def accounted_noise_multiplier(cfg: DictConfig) -> float:
     the update and ``clipped_count_stddev`` for the clipped-count query; together the two
     releases are exactly as private as one Gaussian release at the configured multiplier.
     """
-    return float(cfg.privacy.noise_multiplier)
+    return cfg.privacy.noise_multiplier
 
 
 def make_clipping_mod(config_key: str) -> Mod:

@@ -59,13 +59,13 @@ def _aggregator(
     # Flower's sampler waits forever while fewer than min_available_nodes are connected, so
     # never ask for more than the sites that must stay (min_sites; null = all). Dropouts below
     # that are handled by fl_app.federation_guard, which ends the run instead of hanging.
-    min_nodes = min(num_sites, int(cfg.min_sites)) if cfg.get("min_sites") else num_sites
+    min_nodes = min(num_sites, cfg.min_sites) if cfg.get("min_sites") else num_sites
     common: dict[str, Any] = {
-        "fraction_train": float(scfg.fraction_train),
-        "fraction_evaluate": float(scfg.fraction_evaluate),
-        "min_train_nodes": max(1, min(round(float(scfg.fraction_train) * num_sites), min_nodes)),
+        "fraction_train": scfg.fraction_train,
+        "fraction_evaluate": scfg.fraction_evaluate,
+        "min_train_nodes": max(1, min(round(scfg.fraction_train * num_sites), min_nodes)),
         "min_evaluate_nodes": max(
-            1, min(round(float(scfg.fraction_evaluate) * num_sites), min_nodes)
+            1, min(round(scfg.fraction_evaluate * num_sites), min_nodes)
         ),
         "min_available_nodes": min_nodes,
         # central DP averages sites with equal weight (its noise assumes that); see budget.py
@@ -76,10 +76,10 @@ def _aggregator(
     if scfg.name == "fedavg":
         return FedAvg(**common)
     if scfg.name == "fedprox":
-        return FedProx(**common, proximal_mu=float(scfg.proximal_mu))
+        return FedProx(**common, proximal_mu=scfg.proximal_mu)
     if scfg.name == "fedadam":
         return FedAdam(
-            **common, eta=float(scfg.eta), eta_l=float(scfg.eta_l),
-            beta_1=float(scfg.beta_1), beta_2=float(scfg.beta_2), tau=float(scfg.tau),
+            **common, eta=scfg.eta, eta_l=scfg.eta_l,
+            beta_1=scfg.beta_1, beta_2=scfg.beta_2, tau=scfg.tau,
         )
     raise ValueError(f"unknown strategy '{scfg.name}'; choose fedavg, fedprox or fedadam")

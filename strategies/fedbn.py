@@ -54,7 +54,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 
 def enabled(cfg: Any) -> bool:
     """Whether the experiment config asks for FedBN (``fedbn: true``)."""
-    return bool(cfg.get("fedbn", False))
+    return cfg.get("fedbn", False)
 
 
 def norm_state_keys(model: nn.Module) -> list[str]:

@@ -147,7 +147,7 @@ class LocalDPRound:
         self.base_loader = loader
         self.loader = DPDataLoader.from_data_loader(loader, generator=self.sampler_generator)
         self.sample_rate = 1.0 / len(self.loader)
-        self.steps = int(cfg.task.local_epochs) * len(self.loader)
+        self.steps = cfg.task.local_epochs * len(self.loader)
         self.max_grad_norm = float(p.max_grad_norm)
         self.state = self._load_state()
         if self.state.noise_multiplier is None:
@@ -178,7 +178,7 @@ class LocalDPRound:
         if p.get("noise_multiplier") is not None:
             return float(p.noise_multiplier)
         # calibrated once for the whole planned run: every round this site can train
-        planned = int(self.cfg.num_rounds) * self.steps
+        planned = self.cfg.num_rounds * self.steps
         with quiet_opacus():
             return calibrate_noise(float(p.target_epsilon), float(p.target_delta),
                                    self.sample_rate, planned, str(p.accountant))
@@ -198,9 +198,9 @@ class LocalDPRound:
                      ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Opacus-wrapped model, optimizer and Poisson loader for this round."""
         model = prepare_model(model)
-        mode = choose_grad_sample_mode(model, self.loader, str(self.cfg.privacy.grad_sample_mode))
+        mode = choose_grad_sample_mode(model, self.loader, self.cfg.privacy.grad_sample_mode)
         with quiet_opacus():
-            self.engine = PrivacyEngine(accountant=str(self.cfg.privacy.accountant),
+            self.engine = PrivacyEngine(accountant=self.cfg.privacy.accountant,
                                         secure_mode=self.secure)
         # the site's history so far: Opacus's optimizer hook appends this round's steps
         self.engine.accountant.history = list(self.state.history)

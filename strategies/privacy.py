@@ -91,8 +91,8 @@ class PrivacyGuard(StrategyWrapper):
         self.cfg = cfg
         self.mechanism = check_privacy_config(cfg)
         self.central = self.mechanism == "central_dp"
-        self.accountant = str(cfg.privacy.accountant)
-        self.delta = float(cfg.privacy.target_delta)
+        self.accountant = cfg.privacy.accountant
+        self.delta = cfg.privacy.target_delta
         self.min_sites = min_sites(cfg)
         self.node_sites = dict(node_sites)
         self.sites: list[str] = sorted(set(self.node_sites.values()))
@@ -322,7 +322,7 @@ class PrivacyGuard(StrategyWrapper):
             if site in self.excluded:
                 per_site[site]["reason"] = self.excluded[site]
         out: dict[str, Any] = {
-            "name": str(self.cfg.privacy.name), "mechanism": self.mechanism,
+            "name": self.cfg.privacy.name, "mechanism": self.mechanism,
             "accountant": self.accountant, "delta": self.delta, "per_site": per_site,
             "central": None, "stopped_early": self.stop_reason,
         }
@@ -332,8 +332,8 @@ class PrivacyGuard(StrategyWrapper):
                 "noise_multiplier": self.noise_multiplier,
                 "releases": sum(int(s[2]) for s in self.central_state.history),
                 "history": [list(s) for s in self.central_state.history],
-                "clipping": str(self.cfg.privacy.clipping),
-                "adaptive": bool(self.cfg.privacy.adaptive),
+                "clipping": self.cfg.privacy.clipping,
+                "adaptive": self.cfg.privacy.adaptive,
                 "final_clipping_norm": float(self.strategy.clipping_norm),  # type: ignore[attr-defined]
             }
         return out

@@ -30,7 +30,7 @@ def site_names(cfg: DictConfig) -> list[str]:
     """``site-0`` .. ``site-{N-1}`` for ``partition.num_sites`` simulated hospitals."""
     if cfg.partition.num_sites is None:
         raise DataError("breast_cancer has no natural sites: use partition=iid or dirichlet")
-    return [f"site-{i}" for i in range(int(cfg.partition.num_sites))]
+    return [f"site-{i}" for i in range(cfg.partition.num_sites)]
 
 
 def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
@@ -41,10 +41,10 @@ def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
             "(simulation), not a data-path"
         )
     x, y, names = _dataset()
-    parts = partition_indices(y, cfg.partition, int(cfg.seed))
+    parts = partition_indices(y, cfg.partition, cfg.seed)
     idx = parts[site.index]
     return tabular.make_site(
-        site.name, x[idx], y[idx], float(cfg.task.test_fraction), int(cfg.seed), names
+        site.name, x[idx], y[idx], cfg.task.test_fraction, cfg.seed, names
     )
 
 

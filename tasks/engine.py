@@ -155,12 +155,12 @@ def make_optimizer(model: nn.Module, task_cfg: Any) -> torch.optim.Optimizer:
     SGD uses ``task.lr``, ``task.momentum``, ``task.weight_decay``; Adam uses ``task.lr`` and
     ``task.weight_decay`` (a fresh Adam each round: its moments are not shared or kept).
     """
-    name = str(task_cfg.get("optimizer", "sgd"))
+    name = task_cfg.get("optimizer", "sgd")
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, weight_decay = float(task_cfg.lr), float(task_cfg.get("weight_decay", 0.0))
+    lr, weight_decay = task_cfg.lr, task_cfg.get("weight_decay", 0.0)
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=float(task_cfg.get("momentum", 0.0)), weight_decay=weight_decay
+            params, lr=lr, momentum=task_cfg.get("momentum", 0.0), weight_decay=weight_decay
         )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

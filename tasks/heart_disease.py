@@ -152,9 +152,9 @@ def check_data_path(path: Path, site_name: str) -> None:
 def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
     """Read, encode and split one hospital's patients (before federated standardisation)."""
     table = read_site_file(_site_path(cfg, site))
-    x, y, names = encode(table, str(cfg.task.protocol))
+    x, y, names = encode(table, cfg.task.protocol)
     return tabular.make_site(
-        site.name, x, y, float(cfg.task.test_fraction), int(cfg.task.split_seed), names
+        site.name, x, y, cfg.task.test_fraction, cfg.task.split_seed, names
     )
 
 

@@ -168,15 +168,15 @@ def build_image_model(cfg: DictConfig, info: dict[str, Any]) -> nn.Module:
 
     ``info`` comes from the sites: ``in_channels``, ``image_size``, ``num_classes``.
     """
-    name, norm = str(cfg.task.model), str(cfg.task.get("norm", "group"))
-    groups = int(cfg.task.get("norm_groups", GROUPS))
+    name, norm = cfg.task.model, cfg.task.get("norm", "group")
+    groups = cfg.task.get("norm_groups", GROUPS)
     in_channels = int(info.get("in_channels", 1))
     num_classes = int(info.get("num_classes", 2))
     image_size = int(info["image_size"])
     if name == "cnn":
         widths = tuple(int(w) for w in cfg.task.get("cnn_widths", (16, 32, 64, 128)))
         return CompactCNN(in_channels, num_classes, norm, widths,
-                          float(cfg.task.get("dropout", 0.0)), groups)
+                          cfg.task.get("dropout", 0.0), groups)
     if name == "resnet18":
         return resnet18(in_channels, num_classes, norm, image_size, groups)
     if name == "densenet121":

@@ -91,7 +91,7 @@ def _data_dir(cfg: DictConfig) -> Path:
             f"task.data_dir is not set: give the folder holding the {cfg.task.name} data, e.g. "
             f"task.data_dir=/abs/path/to/shared/data/{cfg.task.name}"
         )
-    folder = Path(str(cfg.task.data_dir)).expanduser()
+    folder = Path(cfg.task.data_dir).expanduser()
     if not folder.is_dir():
         raise DataError(f"task.data_dir '{cfg.task.data_dir}' is not a folder "
                         f"(resolved to {folder.resolve()})")
@@ -143,7 +143,7 @@ def _folder_splits(
 def load_splits(spec: ImageTaskSpec, cfg: DictConfig, path: Path | None = None) -> ImageSplits:
     """The data set of this config (or the hospital's own ``path``), labels as in the file."""
     if path is None:
-        dataset = str(cfg.task.dataset)
+        dataset = cfg.task.dataset
         folder = _data_dir(cfg)
         if dataset in FOLDER_DATASETS:
             return _own_splits(cfg, folder)
@@ -183,7 +183,7 @@ def _own_splits(cfg: DictConfig, path: Path) -> ImageSplits:
     classes = cfg.task.get("classes")
     return _folder_splits(
         path, tuple(str(c) for c in classes) if classes else None, _image_size(cfg),
-        float(cfg.task.get("test_fraction", 0.2)), int(cfg.seed),
+        cfg.task.get("test_fraction", 0.2), cfg.seed,
     )
 
 
@@ -244,7 +244,7 @@ def simulated_parts(
     splits = load_splits(spec, cfg)
     train = spec.relabel(splits.train_labels, cfg, f"{splits.source} (train)")
     test = spec.relabel(splits.test_labels, cfg, f"{splits.source} (test)")
-    seed = int(cfg.seed)
+    seed = cfg.seed
     train_groups = None if splits.train_groups is None else splits.train_groups[train.keep]
     test_groups = None if splits.test_groups is None else splits.test_groups[test.keep]
     extra = {} if train_groups is None else {"groups": train_groups}
@@ -274,7 +274,7 @@ def load_image_site(spec: ImageTaskSpec, cfg: DictConfig, site: SiteRef) -> Site
     x_train = splits.train_images[train.keep][train_idx]
     x_test = splits.test_images[test.keep][test_idx]
     return make_site(spec, cfg, site.name, x_train, train.labels[train_idx],
-                     x_test, test.labels[test_idx], augment_seed=int(cfg.seed) + 1000 * index)
+                     x_test, test.labels[test_idx], augment_seed=cfg.seed + 1000 * index)
 
 
 def make_site(
@@ -292,7 +292,7 @@ def make_site(
         "image_size": size,
         "num_classes": len(classes),
         "classes": classes,
-        "dataset": str(cfg.task.dataset),
+        "dataset": cfg.task.dataset,
         "train_class_counts": np.bincount(y_train, minlength=len(classes)).tolist(),
         "test_class_counts": np.bincount(y_test, minlength=len(classes)).tolist(),
         **spec.extra_info(cfg),

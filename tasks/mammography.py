@@ -55,7 +55,7 @@ def laterality_flips(
     53%), so a network that can see the orientation learns a shortcut that inverts on the test
     split.
     """
-    if dataset not in FILES or not bool(cfg.task.get("align_laterality", False)):
+    if dataset not in FILES or not cfg.task.get("align_laterality", False):
         return None
     sides = metadata_column(data_dir / METADATA, "laterality", sizes)
     bad = {split: sorted(set(v) - {"L", "R"}) for split, v in sides.items()}
@@ -65,7 +65,7 @@ def laterality_flips(
 
 
 def _target(cfg: DictConfig) -> str:
-    target = str(cfg.task.target)
+    target = cfg.task.target
     if target not in TARGETS:
         raise DataError(f"task.target must be one of {', '.join(TARGETS)}, got '{target}'")
     return target

@@ -182,22 +182,22 @@ def partition_indices(
     ``min_site_size`` then count patients.
     """
     name = partition_cfg.name
-    num_sites = int(partition_cfg.num_sites)
+    num_sites = partition_cfg.num_sites
 
     def split(unit_labels: np.ndarray) -> list[np.ndarray]:
         if name == "iid":
             return iid_partition(len(unit_labels), num_sites, seed)
         if name == "dirichlet":
             return dirichlet_partition(
-                unit_labels, num_sites, float(partition_cfg.alpha), seed,
-                int(partition_cfg.get("min_site_size", 10)),
+                unit_labels, num_sites, partition_cfg.alpha, seed,
+                partition_cfg.get("min_site_size", 10),
             )
         if name == "quantity":
             sizes = partition_cfg.get("sizes")
             return quantity_skew_partition(
-                len(unit_labels), num_sites, float(partition_cfg.get("alpha", 1.0)), seed,
+                len(unit_labels), num_sites, partition_cfg.get("alpha", 1.0), seed,
                 sizes=list(sizes) if sizes is not None else None,
-                min_site_size=int(partition_cfg.get("min_site_size", 1)),
+                min_site_size=partition_cfg.get("min_site_size", 1),
             )
         raise ValueError(
             f"partition '{name}' cannot split this data set; use partition=iid, "

@@ -23,7 +23,7 @@ def build_model(cfg: DictConfig, info: dict[str, Any]) -> nn.Module:
     if cfg.task.model == "logreg":
         return nn.Sequential(nn.Linear(num_features, num_classes))
     if cfg.task.model == "mlp":
-        hidden = int(cfg.task.hidden_size)
+        hidden = cfg.task.hidden_size
         return nn.Sequential(
             nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )

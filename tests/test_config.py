@@ -65,3 +65,41 @@ def test_experiment_preset_sets_groups_and_command_line_wins() -> None:
     assert (cfg.task.name, cfg.task.model, cfg.strategy.name) == ("heart_disease", "mlp", "fedprox")
     assert cfg.partition.name == "natural"
     assert cfg.num_rounds == 5
+
+
+def test_unknown_key_lists_the_keys_of_the_option_actually_selected() -> None:
+    # The key list comes from privacy=local_dp (selected in the same overrides), not `none`.
+    with pytest.raises(ConfigError, match=r"unknown key 'privacy.delta'.*max_grad_norm.*"
+                                          r"target_delta"):
+        compose_config("privacy=local_dp privacy.delta=1e-5")
+
+
+def test_a_key_added_with_plus_must_be_in_the_schema() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'task.foo'.*Valid keys under 'task'"):
+        compose_config("+task.foo=1")
+    with pytest.raises(ConfigError, match=r"unknown key 'privacy.budget.foo'.*per_site"):
+        compose_config("privacy=local_dp +privacy.budget.foo=3")
+    cfg = compose_config("privacy=local_dp +privacy.budget.per_site.cleveland.epsilon=2.0")
+    assert cfg.privacy.budget.per_site.cleveland.epsilon == 2.0
+
+
+def test_values_are_typed_by_the_schema() -> None:
+    cfg = compose_config("task.lr=1 partition=quantity partition.sizes=[5,3,2]")
+    assert isinstance(cfg.task.lr, float)
+    assert cfg.partition.sizes == [5.0, 3.0, 2.0]
+    assert from_json(to_json(cfg)).task.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "group", ["task", "strategy", "privacy", "partition"],
+)
+def test_every_group_option_is_typed_by_a_schema(group: str) -> None:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from fl_app.config import CONF_DIR
+
+    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        node = compose_config(f"{group}={option}")[group]
+        assert dataclasses.is_dataclass(OmegaConf.get_type(node)), f"{group}/{option}.yaml"

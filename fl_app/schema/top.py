@@ -1,0 +1,27 @@
+"""Schema of the top-level keys of ``conf/config.yaml`` (values and comments live there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class Config:
+    """Top level. The groups are typed by their selected option's own schema."""
+
+    task: Any = MISSING
+    strategy: Any = MISSING
+    privacy: Any = MISSING
+    partition: Any = MISSING
+    num_rounds: int = MISSING
+    seed: int = MISSING
+    fedbn: bool = MISSING
+    output_dir: str = MISSING
+    device: str = MISSING
+    min_sites: int | None = MISSING
+    on_site_failure: str = MISSING
+    wait_for_nodes_s: float = MISSING
+    round_timeout_s: float = MISSING
