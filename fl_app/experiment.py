@@ -100,7 +100,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     guard = FederationGuard(
         grid,
         node_sites,
-        int(cfg.min_sites or len(facts)),
+        cfg.min_sites or len(facts),
         cfg.wait_for_nodes_s,
         cfg.get("on_site_failure", "continue"),
     )

@@ -53,7 +53,7 @@ class PrivacyStop(PrivacyBudgetExhausted):
 
 def mechanism(cfg: DictConfig) -> str:
     """``none``, ``local_dp`` or ``central_dp`` (the preset's ``mechanism``, else its name)."""
-    return str(cfg.privacy.get("mechanism", None) or cfg.privacy.name)
+    return cfg.privacy.get("mechanism", None) or cfg.privacy.name
 
 
 def _positive(p: DictConfig, key: str, allow_none: bool = False, allow_zero: bool = False) -> None:

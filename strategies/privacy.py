@@ -66,7 +66,7 @@ def wrap_strategy(base: Strategy, cfg: DictConfig, num_sites: int,
     mech = check_privacy_config(cfg)
     if mech == "none":
         return base
-    if mech == "local_dp" and float(cfg.strategy.get("proximal_mu", 0.0) or 0.0) > 0:
+    if mech == "local_dp" and cfg.strategy.get("proximal_mu", 0.0) > 0:
         # Opacus replaces each gradient by its clipped, noised per-sample version, so the
         # proximal term's gradient would be silently dropped
         raise PrivacyConfigError(
