@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from logging import ERROR
+from typing import NoReturn
 
 import hydra
 from flwr.common.logger import log
@@ -25,23 +26,35 @@ def _run(_: DictConfig) -> float | None:
     from fl_app.simulation import simulate  # imports Ray only once the config is valid
 
     try:
-        # Recompose from the job's overrides: same validation (types) as the ServerApp path.
+        # Recompose from the job's overrides: the same checks and messages as the ServerApp.
         cfg = compose_config(list(HydraConfig.get().overrides.task))
         run = simulate(cfg)
     except USER_ERRORS as err:
-        log(ERROR, "fedclinic: %s", err)
-        sys.exit(1)
+        fail(f"fedclinic: run failed: {err}")
+    except Exception as err:  # a bug: keep its traceback in the log, the reason last
+        log(ERROR, "fedclinic: unexpected error", exc_info=err)
+        fail(f"fedclinic: run failed: {type(err).__name__}: {err}")
     print(f"fedclinic: run folder: {run.path}")
     return None
 
 
+def fail(line: str) -> NoReturn:
+    """Exit with status 1 and ``line`` (made one line) as the last line of the output."""
+    sys.stdout.flush()
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 def main() -> None:
     """Entry point of ``python -m fl_app`` and the ``fedclinic`` command."""
-    try:
-        _run()
-    except ConfigError as err:  # pragma: no cover - hydra exits itself on most errors
-        print(f"fedclinic: {err}", file=sys.stderr)
-        sys.exit(2)
+    argv = sys.argv[1:]
+    if not any(a.startswith("-") for a in argv):  # not a sweep (-m) nor a Hydra flag
+        # Check the overrides first: one clear line, instead of Hydra's own error report.
+        try:
+            compose_config(argv)
+        except ConfigError as err:
+            fail(f"fedclinic: {err}")
+    _run()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from logging import ERROR, INFO
 from typing import Any
 
@@ -42,7 +43,25 @@ def seed_everything(seed: int) -> None:
 
 
 def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
-    """Run the experiment described by the resolved ``cfg``; return its run folder."""
+    """Run the experiment described by the resolved ``cfg``; return its run folder.
+
+    Whatever ends the run early once its folder exists leaves an honest summary.json
+    (``status: failed`` and the ``reason``), then propagates: the caller exits non-zero.
+    """
+    folders: list[RunFolder] = []
+    try:
+        return _experiment(grid, cfg, folders.append)
+    except Exception as err:
+        if folders and "summary.json" not in folders[0].written:
+            folders[0].write_json("summary.json", {
+                "task": cfg.task.name, "strategy": cfg.strategy.name, "status": "failed",
+                "reason": str(err) or type(err).__name__, "run_dir": str(folders[0].path),
+            })
+        raise
+
+
+def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None]) -> RunFolder:
+    """The experiment; ``created`` is told the run folder as soon as it exists."""
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
@@ -53,6 +72,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         nodes = wait_for_nodes(grid, expected, cfg.wait_for_nodes_s)
     facts = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
     run = RunFolder.create(cfg)
+    created(run)
     log(
         INFO,
         "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
@@ -158,8 +178,8 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
 def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, Any]:
     """summary.json keys on how the run ended and which sites failed when."""
     return {
-        "status": "stopped" if stopped is not None else "completed",
-        "stop_reason": None if stopped is None else str(stopped),
+        "status": "failed" if stopped is not None else "completed",
+        "reason": None if stopped is None else str(stopped),
         "sites": sorted(guard.sites.values()),
         "site_failures": guard.failure_log(),
     }

@@ -52,6 +52,7 @@ class RunFolder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._jsonl: dict[str, list[str]] = {}
+        self.written: set[str] = set()  # files this process wrote (e.g. has summary.json?)
 
     @classmethod
     def create(cls, cfg: DictConfig) -> RunFolder:
@@ -78,6 +79,7 @@ class RunFolder:
         """Atomically write a text file inside the run folder."""
         target = self.path / name
         atomic_write_text(target, text)
+        self.written.add(name)
         return target
 
     def write_json(self, name: str, data: Any) -> Path:

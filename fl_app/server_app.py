@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import logging
 from logging import ERROR
 
 from flwr.app import Context
@@ -28,17 +28,27 @@ def main(grid: Grid, context: Context) -> None:
         run_experiment(grid, cfg)
     except USER_ERRORS as err:
         log(ERROR, "fedclinic: %s", err)
-        if threading.current_thread() is threading.main_thread():
-            # Deployment: flwr-serverapp runs the ServerApp in its main thread and catches
-            # only Exception; only then does it flush the run's last log lines and report the
-            # run as failed. SystemExit there ended the process at once: `flwr run --stream`
-            # lost the lines above and waited ~1 min for a heartbeat timeout. (Flower prints
-            # this exception's short traceback after our one-line message.)
-            raise RunAborted(str(err)) from None
-        # Simulation runs the ServerApp in a thread: SystemExit ends it quietly, and
-        # flwr-simulation then flushes the logs itself.
-        raise SystemExit(1) from None
+        # An Exception (never SystemExit) in both runtimes, so Flower records the run as
+        # finished:failed with this reason as its status details (`flwr ls`), which
+        # scripts/flwr_local.sh and submit.py turn into a non-zero exit status. Deployment:
+        # flwr-serverapp catches only Exception, flushes the run's last log lines and reports
+        # the failure. Simulation: flwr-simulation gets it from the ServerApp thread.
+        raise RunAborted(str(err)) from None
 
 
 class RunAborted(RuntimeError):
     """The experiment could not run as configured (the reason was logged just before)."""
+
+
+class _NoTracebackForRunAborted(logging.Filter):
+    """Flower logs the ServerApp's exception with its traceback; for RunAborted the reason
+    was already logged in one line, so the traceback is only noise (a user error, not a bug).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RunAborted):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("flwr").addFilter(_NoTracebackForRunAborted())

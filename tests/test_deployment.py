@@ -217,8 +217,8 @@ def test_on_site_failure_stop_ends_the_run_with_a_clear_message(
     rc = _wait_exit(proc, 150)
     log = fed.runner.log("run-stop")
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "stopped", summary
-    assert DROPOUT in summary["stop_reason"] and "on_site_failure=stop" in summary["stop_reason"]
+    assert summary["status"] == "failed", summary
+    assert DROPOUT in summary["reason"] and "on_site_failure=stop" in summary["reason"]
     assert "fedclinic: stopping after" in log and DROPOUT in log, log
     assert rc == 0  # flwr run --stream itself ended normally; the run's end is in the log
     assert fed.runner.procs["superlink"].poll() is None, "the SuperLink must keep running"

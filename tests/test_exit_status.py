@@ -1,0 +1,54 @@
+"""Honest exit status: a run that fails exits non-zero with the reason as the last line,
+from `python -m fl_app` and from `scripts/flwr_local.sh` (which asks the SuperLink how the
+run ended); summary.json says `failed` where a run folder exists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy_harness import REPO
+
+# A run that fails after its folder exists: every site's training raises in round 1 and
+# on_site_failure=stop ends the run at the first failure.
+FAILING_RUN = "task.batch_size=0 on_site_failure=stop num_rounds=1"
+MISSING_DATA = "task=heart_disease task.data_dir=/nonexistent"
+
+
+def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    return (proc.stdout + proc.stderr).strip().splitlines()[-1]
+
+
+def _python_m_fl_app(overrides: str, env: dict[str, str] | None = None,
+                     ) -> subprocess.CompletedProcess[str]:
+    # stderr after stdout: the reason, printed last to stderr, is the last line of both.
+    return subprocess.run([sys.executable, "-m", "fl_app", *overrides.split()], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_python_m_fl_app_wrong_override_exits_non_zero_with_the_reason_last() -> None:
+    proc = _python_m_fl_app("num_rounds=abc")
+    assert proc.returncode == 1
+    assert _last_line(proc).startswith("fedclinic: invalid override 'num_rounds=abc': "
+                                       "'num_rounds' expects int")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+def test_python_m_fl_app_missing_data_and_failed_run_exit_non_zero(tmp_path: Path) -> None:
+    proc = _python_m_fl_app(f"{MISSING_DATA} output_dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "task.data_dir '/nonexistent' is not a folder" in _last_line(proc)
+    assert _last_line(proc).startswith("fedclinic: run failed: ")
+
+    proc = _python_m_fl_app(f"{FAILING_RUN} output_dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "on_site_failure=stop ends the run" in _last_line(proc)
+    (summary_file,) = tmp_path.glob("*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "failed"
+    assert "batch_size" in summary["reason"] and summary["rounds_completed"] == 0
