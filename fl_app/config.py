@@ -8,7 +8,6 @@ hospital never needs the yaml files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 from pathlib import Path
 from typing import get_type_hints
@@ -19,10 +18,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from fl_app.config_json import from_json, to_json
 from fl_app.schema import GROUPS, register
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
+
+__all__ = ["ConfigError", "compose_config", "from_json", "resolve", "to_json"]
 
 register()  # the typed schema of every config group option (fl_app/schema/)
 
@@ -165,16 +167,4 @@ def resolve(cfg: DictConfig) -> DictConfig:
         raise ConfigError(_explain(err, [])) from None
     with open_dict(cfg):
         cfg.pop("hydra", None)
-    return cfg
-
-
-def to_json(cfg: DictConfig) -> str:
-    """Serialise a resolved config for the ConfigRecord sent to sites."""
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-
-
-def from_json(text: str) -> DictConfig:
-    """Read back a config sent by the server (validated and typed there by the schema)."""
-    cfg = OmegaConf.create(json.loads(text))
-    OmegaConf.set_struct(cfg, True)
     return cfg

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Message
 from omegaconf import DictConfig
 
-from fl_app.config import from_json
+from fl_app.config_json import from_json
 from tasks import DataError, SiteData, SiteRef, Task, get_task
 from tasks.base import pick_device
 

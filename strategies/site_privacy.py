@@ -26,7 +26,8 @@ from strategies.budget import (
     site_budget,
     spend_record,
 )
-from strategies.local_dp import LocalDPRound, plain_state_dict
+
+# Opacus (strategies.local_dp) is imported only when a site trains with local DP.
 
 
 def weight_metrics(cfg: DictConfig) -> dict[str, int]:
@@ -43,10 +44,11 @@ class SitePrivacy:
         self.mechanism = mechanism(cfg)
         self.budget = (site_budget(cfg, site, dict(context.node_config))
                        if self.mechanism != "none" else None)
-        self.local = (
-            LocalDPRound(cfg, site, context, loader, self.budget, device=device)
-            if self.mechanism == "local_dp" and self.budget is not None else None
-        )
+        self.local = None
+        if self.mechanism == "local_dp" and self.budget is not None:
+            from strategies.local_dp import LocalDPRound
+
+            self.local = LocalDPRound(cfg, site, context, loader, self.budget, device=device)
         self._central_epsilon: float | None = None
 
     @property
@@ -86,6 +88,10 @@ class SitePrivacy:
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Weights to send, under the server's keys (never Opacus's ``_module.`` prefix)."""
+        if self.local is None:  # no Opacus wrapper, so no prefix to strip
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from strategies.local_dp import plain_state_dict
+
         return plain_state_dict(model)
 
     def metrics(self) -> dict[str, int]:

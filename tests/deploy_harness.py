@@ -62,6 +62,21 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def deploy_env() -> dict[str, str]:
+    """Environment for a test consortium: no runtime installs, no telemetry, unbuffered
+    output, this Python's bin folder first on PATH (Flower starts flower-superexec,
+    flwr-serverapp and flwr-clientapp by name), and no FLWR_HOME (each process gets its own)."""
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    env.pop("FLWR_HOME", None)
+    return env
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.5) -> None:
     """Poll ``check`` until true; TimeoutError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -284,12 +299,34 @@ class Federation:
 
         wait_for(f"SuperNodes {', '.join(names)} connected", connected, timeout)
 
-    def submit(self, name: str, overrides: str) -> subprocess.Popen[bytes]:
+    def submit(self, name: str, overrides: str, app: Path = REPO) -> subprocess.Popen[bytes]:
         """``flwr run`` (via scripts/deploy/submit.py --stream) in the background."""
         return self.runner.start(name, [
             PYTHON, str(DEPLOY / "submit.py"), "--connection", CONNECTION, "--stream",
-            "--app", str(REPO), "--overrides", overrides,
+            "--app", str(app), "--overrides", overrides,
         ], env={"FLWR_HOME": str(self.user_home)})
+
+    def zombies(self, program: str) -> list[str]:
+        """``pid (parent pid)`` of each zombie among this runner's processes' descendants
+        whose name starts like ``program`` (/proc/<pid>/comm holds 15 characters)."""
+        roots = {p.pid for p in self.runner.procs.values()}
+        parents: dict[int, int] = {}
+        states: dict[int, tuple[str, str]] = {}
+        for entry in Path("/proc").iterdir():
+            stat = _read_proc(int(entry.name), "stat") if entry.name.isdigit() else b""
+            if stat:
+                comm = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+                fields = stat.rsplit(b")", 1)[-1].split()
+                parents[int(entry.name)] = int(fields[1])
+                states[int(entry.name)] = (fields[0].decode(), comm)
+
+        def descends(pid: int) -> bool:
+            while pid in parents and pid not in roots and pid > 1:
+                pid = parents[pid]
+            return pid in roots
+
+        return [f"{pid} (parent {parents[pid]})" for pid, (state, comm) in sorted(states.items())
+                if state == "Z" and program[:15].startswith(comm) and descends(pid)]
 
 
 def run_folder(output_dir: Path) -> Path | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pytest
 from tests.deploy_harness import (
     Federation,
     ProcessRunner,
+    deploy_env,
     free_port,
     port_is_free,
     process_cwd,
@@ -50,16 +50,7 @@ RUN_TIMEOUT_S = 300
 def federation(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Federation]:
     """SuperLink + the three hospitals' SuperNodes; everything stopped by PID afterwards."""
     root = tmp_path_factory.mktemp("deployment")
-    env = {
-        **os.environ,
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-        # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
-    env.pop("FLWR_HOME", None)  # every process gets its own below
-    runner = ProcessRunner(root / "logs", env)
+    runner = ProcessRunner(root / "logs", deploy_env())
     fed = Federation(root=root, data_dir=shared_data / "heart_disease", runner=runner)
     try:
         fed.make_pki([*HOSPITALS, DROPOUT], unregistered=[UNREGISTERED])

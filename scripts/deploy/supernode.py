@@ -11,9 +11,16 @@ naming the problem:
 2. the SuperLink answers on host:port (retried up to ``--max-retries`` times within
    ``--max-wait-time`` seconds) and its TLS certificate is signed by this CA and names the
    host dialed (a mismatch is not retried: it will not fix itself).
-Then it runs ``flower-supernode`` with the same bounded retries, prints its log, and on exit
-explains Flower's error (key not registered, certificate, unreachable). Exit codes: Flower's
-own, or 2 (bad local setup), 3 (SuperLink unreachable), 4 (certificate mismatch).
+Then it runs ``flower-supernode --isolation process`` with the same bounded retries and,
+next to it, ``flower-superexec`` (through ``superexec.py``, which reaps finished
+``flwr-clientapp`` processes), prints their log, and when the SuperNode ends says in one
+line why and what to do. Exit statuses (docs/deployment.md, "SuperNode exit statuses"):
+
+0  stopped on request (SIGTERM/SIGINT)           3  SuperLink unreachable at start
+1  any other failure (Flower's own exit)         4  certificate mismatch (not retried)
+2  bad local setup (files, key format)           5  key not registered, or removed while running
+6  lost the SuperLink after connecting (retries exhausted)
+2, 4 and 5 do not fix themselves: a restart policy should not retry them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -46,21 +55,45 @@ from _common import (
     split_address,
 )
 
-EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 2, 3, 4
+EXIT_FAILED, EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 1, 2, 3, 4
+EXIT_NOT_REGISTERED, EXIT_LOST = 5, 6
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 FORWARD_DELAY_S = 3.0
+SUPEREXEC = Path(__file__).resolve().parent / "superexec.py"
+# SuperExec asks the SuperNode for a new message every second by default; each round of a
+# run waits for it once per message, so poll faster (it is a local HTTP call).
+SUPEREXEC_POLL_INTERVAL_S = "0.2"
 
-# Flower log text -> what it means for the hospital's IT team
+# Flower log text -> (exit status, what it means for the hospital's IT team), by precedence
 HINTS = (
-    ("[code: 2004]", "this SuperNode's key is not registered at the SuperLink (or was "
-     "unregistered). Send {pub} to the coordinating centre; they run `node_keys.py register`."),
-    ("[code: 2001]", "the SuperLink requires SuperNode authentication: start with --key."),
-    ("CERTIFICATE_VERIFY_FAILED", "the SuperLink's certificate is not signed by {ca}: get the "
-     "current ca.crt from the coordinating centre."),
-    ("Unable to parse the private key", "{key} is not an EC private key in OpenSSH format "
-     "(create one with `node_keys.py create`)."),
-    ("Failed to initialize the connection", "the SuperNode could not connect to {superlink}: "
-     "check that the SuperLink runs and that outgoing TCP to that port is allowed."),
+    ("[code: 2004]", EXIT_NOT_REGISTERED,
+     "this SuperNode's key is not registered at the SuperLink (or was unregistered). Send "
+     "{pub} to the coordinating centre; they run `node_keys.py register`. A key that was "
+     "unregistered cannot be registered again: create a new key pair (node_keys.py create)."),
+    ("[code: 2001]", EXIT_SETUP,
+     "the SuperLink requires SuperNode authentication: start with --key."),
+    ("CERTIFICATE_VERIFY_FAILED", EXIT_CERTIFICATE,
+     "the SuperLink's certificate is not signed by {ca}: get the current ca.crt from the "
+     "coordinating centre."),
+    ("Unable to parse the private key", EXIT_SETUP,
+     "{key} is not an EC private key in OpenSSH format (create one with `node_keys.py create`)."),
+    ("Failed to initialize the connection", EXIT_UNREACHABLE,
+     "the SuperNode could not connect to {superlink}: check that the SuperLink runs and that "
+     "outgoing TCP to that port is allowed."),
+)
+REMOVED, LOST = "removed", "lost"  # keys of the two hints below
+CONNECTED = "SuperNode ID:"  # Flower logs it once the SuperLink accepted the node
+GRACEFUL = "SuperNode terminated gracefully."
+REMOVED_HINT = (
+    "the SuperLink stopped accepting this SuperNode while it was running: its key was "
+    "unregistered (removed from the consortium) at the coordinating centre. That key cannot be "
+    "registered again; to rejoin, create a new key pair (node_keys.py create) and send the new "
+    "{pub} to the coordinating centre."
+)
+LOST_HINT = (
+    "lost the connection to the SuperLink at {superlink} and could not get it back within "
+    "--max-retries/--max-wait-time. The SuperLink may be down or unreachable; a restart "
+    "(systemd Restart=on-failure) tries again."
 )
 
 
@@ -142,10 +175,23 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         "--max-wait-time", str(args.max_wait_time),
         "--host", args.runtime_host,
         "--port", str(args.runtime_port),
+        # the launcher starts the SuperExec itself (superexec_command), so that finished
+        # flwr-clientapp processes are reaped
+        "--isolation", "process",
     ]
     if args.key is not None:
         command += ["--auth-supernode-private-key", str(args.key.expanduser().resolve())]
     return command
+
+
+def superexec_command(args: argparse.Namespace, supernode_pid: int) -> list[str]:
+    """``flower-superexec`` for this SuperNode's local Runtime API (see superexec.py); it
+    exits by itself when the SuperNode with ``supernode_pid`` does."""
+    return [
+        sys.executable, str(SUPEREXEC), "--insecure",
+        "--runtime-api-address", f"{args.runtime_host}:{args.runtime_port}",
+        "--parent-pid", str(supernode_pid),
+    ]
 
 
 def _become_subreaper() -> bool:
@@ -190,18 +236,79 @@ def _stop_leftovers(grace_s: float = 5.0) -> None:
             pass
 
 
-def run_supervised(command: list[str], hints: dict[str, str]) -> int:
-    """Run ``command``, echo its log, forward SIGTERM/SIGINT; explain a failure; return rc."""
+# Flower 1.42 logs this when its reconnection budget is spent, then hangs in interpreter
+# shutdown (its threads do not end): the launcher ends it after GIVE_UP_GRACE_S.
+GAVE_UP = "Giving up reconnection"
+GIVE_UP_GRACE_S = 10.0
+# Flower's log when the SuperLink went away after the SuperNode had connected
+NETWORK_ERRORS = (GAVE_UP, "Connection refused", "ConnectError", "ConnectTimeout",
+                  "RemoteProtocolError", "Exit Code: 305", "Failed to initialize the connection")
+
+
+@dataclass
+class Observed:
+    """What the launcher saw of one SuperNode's life (filled in from its log and signals)."""
+
+    patterns: list[str] = field(default_factory=list)  # HINTS patterns seen, in order
+    connected: bool = False  # "SuperNode ID:" was logged
+    graceful: bool = False  # "SuperNode terminated gracefully." was logged
+    network_error: bool = False  # a transport error was logged
+    gave_up: bool = False  # Flower spent its reconnection budget
+    stop_requested: bool = False  # this launcher got SIGTERM/SIGINT
+
+    def see(self, line: str) -> None:
+        """Record what ``line`` of Flower's log tells."""
+        self.patterns.extend(pattern for pattern, _, _ in HINTS if pattern in line)
+        self.connected = self.connected or CONNECTED in line
+        self.graceful = self.graceful or GRACEFUL in line
+        self.network_error = self.network_error or any(e in line for e in NETWORK_ERRORS)
+        self.gave_up = self.gave_up or GAVE_UP in line
+
+
+def outcome(rc: int, seen: Observed, hints: dict[str, str]) -> tuple[int, str | None]:
+    """The launcher's exit status and the one-line reason (None: nothing to explain).
+
+    Flower exits 0 ("terminated gracefully") both when asked to stop and when the SuperLink
+    rejects the node's signature while it runs (its key was unregistered): only the launcher
+    knows whether a stop was requested, so an unrequested graceful exit is the removal.
+    """
+    if seen.stop_requested:
+        return rc, None
+    for pattern, status, _ in HINTS:  # in order of precedence
+        if pattern in seen.patterns and not (seen.connected and status == EXIT_UNREACHABLE):
+            return status, hints[pattern]
+    if seen.connected and seen.gave_up:
+        return EXIT_LOST, hints[LOST]
+    if rc == 0 and seen.connected and seen.graceful:
+        return EXIT_NOT_REGISTERED, hints[REMOVED]
+    if seen.connected and seen.network_error:
+        return EXIT_LOST, hints[LOST]
+    if rc == 0:
+        return EXIT_FAILED, ("flower-supernode ended without being asked to stop (status 0) "
+                             "and without saying why; see its log above")
+    return rc, f"flower-supernode failed (exit code {rc}); see its log above"
+
+
+def run_supervised(command: list[str], superexec: Callable[[int], list[str]],
+                   hints: dict[str, str]) -> int:
+    """Run ``command`` (flower-supernode) and its SuperExec, echo their logs, forward
+    SIGTERM/SIGINT; when the SuperNode ends, say why in one line; return the exit status."""
     adopted = _become_subreaper()
-    env = flower_env({"PYTHONUNBUFFERED": "1"})
+    env = flower_env({"PYTHONUNBUFFERED": "1",
+                      "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_INTERVAL_S})
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", env=env)
+    helper = subprocess.Popen(superexec(child.pid), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    seen = Observed()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         # A stop request often reaches the whole process group (systemd, Ctrl-C, kill -- -PGID),
         # i.e. the SuperNode too. Flower restores the default handler after the first signal,
         # so a second one would kill it before it deactivates at the SuperLink: forward only
         # if it is still running a moment later (e.g. `docker stop` signals PID 1 alone).
+        seen.stop_requested = True
+
         def later() -> None:
             try:
                 child.wait(timeout=FORWARD_DELAY_S)
@@ -212,28 +319,49 @@ def run_supervised(command: list[str], hints: dict[str, str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    seen: list[str] = []
 
-    def echo() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
+    def end_hung_supernode() -> None:
+        try:
+            child.wait(timeout=GIVE_UP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def echo(proc: subprocess.Popen[str], observe: bool) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            seen.extend(pattern for pattern, _ in HINTS if pattern in line)
+            if observe:
+                seen.see(line)
+                if GAVE_UP in line:
+                    threading.Thread(target=end_hung_supernode, daemon=True).start()
 
-    # Read in a thread: Flower's helpers inherit the pipe and may keep it open after the
+    # Read in threads: Flower's helpers inherit the pipes and may keep them open after the
     # SuperNode itself has exited, so end-of-file is no sign that it stopped.
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=echo, args=(p, p is child), daemon=True)
+               for p in (child, helper)]
+    for reader in readers:
+        reader.start()
     rc = child.wait()
+    readers[0].join(timeout=2.0)
+    if helper.poll() is None:  # it follows its --parent-pid within seconds; do not wait
+        helper.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        helper.wait(timeout=10)
+    if helper.poll() is None:
+        helper.kill()
+        helper.wait()
     if adopted:
         _stop_leftovers()
-    reader.join(timeout=2.0)
-    if rc != 0 and seen:
-        pattern = next(p for p, _ in HINTS if p in seen)  # HINTS is in order of precedence
-        print(f"error: SuperNode stopped (exit code {rc}): {hints[pattern]}",
-              file=sys.stderr, flush=True)
-    return rc
+    status, reason = outcome(rc, seen, hints)
+    if reason is not None:
+        print(f"error: SuperNode stopped (exit status {status}): {reason}", file=sys.stderr,
+              flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,9 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     except DeployError as err:
         fail(str(err), EXIT_SETUP)
     pub = args.key.with_name(args.key.name + ".pub") if args.key else Path("<key>.pub")
+    texts = {**{p: h for p, _, h in HINTS}, REMOVED: REMOVED_HINT, LOST: LOST_HINT}
     hints = {p: h.format(pub=pub, ca=args.ca, key=args.key, superlink=args.superlink)
-             for p, h in HINTS}
-    raise SystemExit(run_supervised(command, hints))
+             for p, h in texts.items()}
+    raise SystemExit(run_supervised(command, lambda pid: superexec_command(args, pid), hints))
 
 
 if __name__ == "__main__":

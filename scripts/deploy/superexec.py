@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Flower's ``flower-superexec`` for a hospital's SuperNode, with finished ClientApps reaped.
+
+    python scripts/deploy/superexec.py --insecure --runtime-api-address 127.0.0.1:9094 \\
+        --parent-pid <flower-supernode pid>
+
+Takes exactly ``flower-superexec``'s arguments (``supernode.py`` starts it next to
+``flower-supernode --isolation process``). Flower 1.42's SuperExec starts one
+``flwr-clientapp`` process per message and never waits for it, so every finished one stays a
+zombie until the next one starts. Here a thread reaps each exited ``flwr-clientapp`` child by
+PID (only those: no other child's exit status is taken from Flower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+CLIENTAPP_COMM = "flwr-clientapp"  # /proc/<pid>/comm of Flower's ClientApp process
+REAP_INTERVAL_S = 0.5
+
+
+def exited_clientapps(parent: int) -> list[int]:
+    """PIDs of ``parent``'s children that are exited ``flwr-clientapp`` processes (zombies)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+        if state == "Z" and int(ppid) == parent and CLIENTAPP_COMM.startswith(comm):
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_forever(interval_s: float = REAP_INTERVAL_S) -> None:
+    """Reap this process's exited flwr-clientapp children, every ``interval_s`` seconds."""
+    while True:
+        for pid in exited_clientapps(os.getpid()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(interval_s)
+
+
+def main() -> None:
+    """Start the reaper, then run Flower's SuperExec with this command line's arguments."""
+    from flwr.supercore.cli import flower_superexec
+
+    threading.Thread(target=reap_forever, name="clientapp-reaper", daemon=True).start()
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
