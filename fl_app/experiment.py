@@ -22,6 +22,7 @@ from fl_app.metrics import SiteMetricsCollector, public_site_metrics
 from fl_app.privacy_ledger import PrivacyLedger
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
+from fl_app.run_log import brief_config_records
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
     expected_num_sites,
@@ -152,15 +153,16 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         return None
 
     try:
-        result = strategy.start(
-            grid=guard,
-            initial_arrays=latest["arrays"],
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.round_timeout_s,
-            train_config=ConfigRecord(dict(record)),
-            evaluate_config=ConfigRecord(dict(record)),
-            evaluate_fn=end_of_round,
-        )
+        with brief_config_records():
+            result = strategy.start(
+                grid=guard,
+                initial_arrays=latest["arrays"],
+                num_rounds=cfg.num_rounds,
+                timeout=cfg.round_timeout_s,
+                train_config=ConfigRecord(dict(record)),
+                evaluate_config=ConfigRecord(dict(record)),
+                evaluate_fn=end_of_round,
+            )
         final = result.arrays
     except PrivacyStop as stop:  # too few sites with privacy budget left: a clean, early end
         log(INFO, "fedclinic: stopping after %d round(s): %s", len(history), stop)

@@ -214,13 +214,23 @@ class Federation:
         """FLWR_HOME of the researcher who submits runs (holds config.toml)."""
         return self.root / "flwr-home-user"
 
-    def script(self, name: str, *args: str | Path, timeout: float = 90) -> str:
-        """Run ``scripts/deploy/<name>.py args``; return its output; AssertionError if it fails."""
+    @property
+    def registry(self) -> Path:
+        """The site registry of node_keys.py: its default, registry.json in FLWR_HOME."""
+        return self.user_home / "registry.json"
+
+    def run_script(self, name: str, *args: str | Path, timeout: float = 90
+                   ) -> subprocess.CompletedProcess[str]:
+        """Run ``scripts/deploy/<name>.py args`` as the coordinating centre (FLWR_HOME)."""
         command = [PYTHON, str(DEPLOY / f"{name}.py"), *map(str, args)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env={**self.runner.env, "FLWR_HOME": str(self.user_home)},
                               check=False)
-        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}"
+
+    def script(self, name: str, *args: str | Path, timeout: float = 90) -> str:
+        """Run ``scripts/deploy/<name>.py args``; return its output; AssertionError if it fails."""
+        done = self.run_script(name, *args, timeout=timeout)
+        assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout}{done.stderr}"
         return done.stdout
 
     def make_pki(self, sites: list[str], unregistered: list[str]) -> None:
@@ -261,7 +271,7 @@ class Federation:
         procs = {
             site: subprocess.Popen(
                 [PYTHON, str(DEPLOY / "node_keys.py"), "register", str(self.keys / f"{site}.pub"),
-                 "--connection", CONNECTION, "--flwr-home", str(self.user_home)],
+                 "--connection", CONNECTION, "--flwr-home", str(self.user_home)],  # registry too
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.runner.env,
             )
             for site in sites
@@ -269,7 +279,7 @@ class Federation:
         for site, proc in procs.items():
             out, _ = proc.communicate(timeout=90)
             assert proc.returncode == 0, f"registering {site} failed:\n{out}"
-        registry = json.loads((self.keys / "registry.json").read_text())
+        registry = json.loads(self.registry.read_text())
         self.node_ids.update({s: int(registry[s]["node_id"]) for s in sites})
 
     def start_supernode(

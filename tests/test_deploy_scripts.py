@@ -7,13 +7,17 @@ flwr CLI use), and the ClientApp's data-path check runs on the real shared data.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -193,3 +197,99 @@ def test_supernode_device_setting_is_checked() -> None:
             device_for(cfg, {"device": "cuda"})
     else:
         assert device_for(cfg, {"device": "cuda"}).type == "cuda"
+
+
+def _deploy_module(name: str) -> Any:
+    """A scripts/deploy module, imported as the scripts import each other."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(DEPLOY))
+
+
+# Flower 1.42's own log lines (seen from flower-supernode on 127.0.0.1)
+CONNECTED = "\x1b[92mINFO \x1b[0m:      SuperNode ID: 16377421460915346247"
+GRACEFUL = "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully."
+GAVE_UP = "\x1b[93mWARNING \x1b[0m:   Giving up reconnection after 4.48 seconds and 4 tries."
+REFUSED = "\x1b[91mERROR \x1b[0m:     [Errno 111] Connection refused"
+NOT_REGISTERED = "\x1b[91mERROR \x1b[0m:     [code: 2004] Failed to activate SuperNode."
+
+
+@pytest.mark.parametrize(("lines", "rc", "stop", "status", "says"), [
+    ([CONNECTED, GRACEFUL], 0, True, 0, None),  # stopped on request: quiet, status 0
+    ([CONNECTED, GRACEFUL], 0, False, 5, "its key was unregistered"),  # removed while running
+    ([NOT_REGISTERED], 1, False, 5, "key is not registered at the SuperLink"),
+    ([CONNECTED, GAVE_UP, REFUSED, GRACEFUL], 0, False, 6, "lost the connection"),
+    ([CONNECTED], 1, False, 1, "failed (exit code 1)"),
+])
+def test_supernode_exit_status_says_why(lines: list[str], rc: int, stop: bool, status: int,
+                                        says: str | None) -> None:
+    """supernode.py's exit status and last line for each way a SuperNode ends (the real
+    processes are in tests/test_deployment.py)."""
+    supernode = _deploy_module("supernode")
+    seen = supernode.Observed(stop_requested=stop)
+    for line in lines:
+        seen.see(line)
+    hints = {**{p: h for p, _, h in supernode.HINTS}, supernode.REMOVED: supernode.REMOVED_HINT,
+             supernode.LOST: supernode.LOST_HINT}
+    got_status, reason = supernode.outcome(rc, seen, hints)
+    assert got_status == status
+    assert (reason is None) if says is None else (says in reason), reason
+    if status == 5:
+        assert "cannot be registered again" in reason
+
+
+def test_submit_stream_drops_flowers_traceback_but_keeps_our_reason() -> None:
+    """What a failed run's streamed log looks like (Flower 1.42 flwr-serverapp), and what
+    submit.py shows of it."""
+    submit = _deploy_module("submit")
+    log = [
+        "\x1b[92mINFO \x1b[0m:      Start `flwr-serverapp` process\n",
+        "\x1b[91mERROR \x1b[0m:     fedclinic: only 3 of 9 SuperNodes connected after 3s.\n",
+        "\x1b[91mERROR \x1b[0m:     ServerApp raised an exception\n",
+        "Traceback (most recent call last):\n",
+        '  File "/x/server_app.py", line 40, in main\n',
+        "    raise RunAborted(str(err)) from None\n",
+        "fl_app.server_app.RunAborted: only 3 of 9 SuperNodes connected after 3s.\n",
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n",
+        "An unhandled exception occurred in the ServerApp.\n",
+        "\n",
+        "For more information, visit: <https://flower.ai/docs/framework/ref-exit-codes/201.html>\n",
+        "\x1b[92mINFO \x1b[0m:      Run finished\n",
+    ]
+    shown = list(submit.readable(log))
+    assert shown == [log[0], log[1], log[-1]]
+    status = _deploy_module("run_status").RunStatus(
+        7, "finished:failed", "ServerApp failed with exception: only 3 of 9 SuperNodes "
+        "connected after 3s.\nmore")
+    assert submit.failure_reason(status) == "only 3 of 9 SuperNodes connected after 3s."
+
+
+def test_client_app_imports_only_what_every_message_needs() -> None:
+    """A flwr-clientapp process starts per message: importing the ClientApp must not pull in
+    Opacus (local DP only), MONAI (imaging only), scikit-learn, plotting or Hydra."""
+    heavy = ("opacus", "monai", "sklearn", "scipy", "matplotlib", "hydra", "tenseal")
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, fl_app.client_app; "
+         f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"],
+        capture_output=True, text=True, timeout=120, check=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.stdout.split() == []
+
+
+def test_superexec_reaps_finished_clientapp_processes(tmp_path: Path) -> None:
+    """superexec.py's reaper: an exited child called flwr-clientapp is reaped, others not."""
+    superexec = _deploy_module("superexec")
+    clientapp, other = tmp_path / "flwr-clientapp", tmp_path / "other-child"
+    for link in (clientapp, other):
+        link.symlink_to(shutil.which("true"))
+    procs = [subprocess.Popen([str(clientapp)]), subprocess.Popen([str(other)])]
+    deadline = time.monotonic() + 30
+    while len(superexec.exited_clientapps(os.getpid())) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert superexec.exited_clientapps(os.getpid()) == [procs[0].pid]
+    assert superexec.reap_once() == [procs[0].pid]
+    assert superexec.exited_clientapps(os.getpid()) == []
+    assert procs[1].wait(timeout=10) == 0  # not taken from its owner

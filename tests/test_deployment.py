@@ -11,6 +11,10 @@ Shown here:
   accuracy;
 - with ``on_site_failure=stop`` a hospital that shuts down mid-run ends the run with a clear
   message and a summary.json, and the SuperLink keeps serving;
+- ``submit.py`` exits 0 for a completed run and non-zero for a failed one, whose reason is
+  its last line (no traceback); no finished ``flwr-clientapp`` is left as a zombie;
+- a hospital removed while its SuperNode runs is told so (exit status 5) and stays out; a
+  site's key is rotated by one command (new key admitted, old key refused);
 - afterwards no process started here is left running and no port is left bound.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy_harness import (
+    CONNECTION,
     Federation,
     ProcessRunner,
     deploy_env,
@@ -104,7 +109,7 @@ def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     )
     rc = _wait_exit(proc, 90)
     log = federation.runner.log("unregistered")
-    assert rc != 0, log
+    assert rc == 5, log  # docs/deployment.md: key not registered, a restart will not help
     assert "[code: 2004] Failed to activate SuperNode" in log, log
     assert "key is not registered at the SuperLink" in log, log  # our hint for the IT team
     assert "SuperNode ID:" not in log
@@ -188,6 +193,10 @@ def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
     assert (DROPOUT, 1, "train") in failed, summary["site_failures"]
     assert f"no result from site {DROPOUT}" in log, log
     assert fed.runner.procs["superlink"].poll() is None, "the SuperLink must keep running"
+    assert log.rstrip().endswith("completed"), log[-500:]
+    # SuperExec starts one flwr-clientapp per message; every finished one has been reaped
+    wait_for("finished flwr-clientapp processes reaped",
+             lambda: not fed.zombies("flwr-clientapp"), 10, 0.2)
     print(f"\nrun with a killed hospital: {elapsed:.0f}s, mean site accuracy "
           f"{summary['mean_site_accuracy']:.3f}")
 
@@ -211,25 +220,98 @@ def test_on_site_failure_stop_ends_the_run_with_a_clear_message(
     assert summary["status"] == "failed", summary
     assert DROPOUT in summary["reason"] and "on_site_failure=stop" in summary["reason"]
     assert "fedclinic: stopping after" in log and DROPOUT in log, log
-    assert rc == 0  # flwr run --stream itself ended normally; the run's end is in the log
+    # the run did not complete: submit.py says so with the reason as its last line
+    assert rc == 1, log
+    last = log.rstrip().splitlines()[-1]
+    assert last.startswith("error: run ") and " failed: " in last and DROPOUT in last, last
+    assert "Traceback" not in log and "Exit Code: 201" not in log, log
     assert fed.runner.procs["superlink"].poll() is None, "the SuperLink must keep running"
     assert fed.runner.procs[HOSPITALS[0]].poll() is None, "other hospitals keep running"
 
 
-def test_a_removed_hospital_is_refused(federation: Federation) -> None:
-    """Removing a hospital (docs/deployment.md): unregister its key; its SuperNode can then
-    no longer join."""
+def _last_line(text: str) -> str:
+    return text.rstrip().splitlines()[-1]
+
+
+def test_submit_exits_non_zero_for_a_run_that_fails(federation: Federation,
+                                                     tmp_path: Path) -> None:
+    """Too few hospitals for min_sites: the run fails; submit.py exits 1 and its last line is
+    the reason, without Flower's traceback."""
+    proc = federation.submit("run-too-few", f"task=heart_disease min_sites=9 "
+                             f"wait_for_nodes_s=2 output_dir={tmp_path / 'runs'}")
+    rc = _wait_exit(proc, 150)
+    log = federation.runner.log("run-too-few")
+    assert rc == 1, log
+    last = _last_line(log)
+    assert last.startswith("error: run ") and "failed: only" in last and "of 9 SuperNodes" in last
+    assert "Traceback" not in log and "Exit Code: 201" not in log, log
+
+
+def test_a_hospital_removed_while_running_is_told_why_and_stays_out(
+    federation: Federation,
+) -> None:
+    """Removing a hospital (docs/deployment.md): unregister its key while its SuperNode runs.
+    The SuperNode ends with exit status 5 and says why; the key cannot be registered again;
+    a restart with it is refused."""
     fed = federation
     fed.script("node_keys", "create", "--out", fed.keys, "--site", "leaver")
     fed.register(["leaver"])
-    out = fed.script("node_keys", "unregister", "--site", "leaver", "--connection", "fedclinic",
-                     "--registry", fed.keys / "registry.json")
+    proc = fed.start_supernode("leaver", "leaver", data_path=fed.data_dir / "processed.va.data")
+    fed.wait_connected(["leaver"])
+    out = fed.script("node_keys", "unregister", "--site", "leaver", "--connection", CONNECTION)
     assert f"unregistered SuperNode {fed.node_ids['leaver']}" in out
-    assert "leaver" not in json.loads((fed.keys / "registry.json").read_text())
-    proc = fed.start_supernode("leaver", "leaver",
-                               data_path=fed.data_dir / "processed.va.data",
-                               extra=["--max-retries", "1"])
+    assert "cannot be registered again" in out
+    assert "leaver" not in json.loads(fed.registry.read_text())
     rc = _wait_exit(proc, 90)
     log = fed.runner.log("leaver")
-    assert rc != 0 and "SuperNode ID:" not in log, log
+    assert rc == 5, log
+    assert "its key was unregistered" in _last_line(log), log
+
+    again = fed.run_script("node_keys", "register", fed.keys / "leaver.pub",
+                           "--connection", CONNECTION)
+    assert again.returncode == 2 and "cannot be registered again" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
+    restart = fed.start_supernode("leaver-restart", "leaver",
+                                  data_path=fed.data_dir / "processed.va.data",
+                                  extra=["--max-retries", "1"])
+    rc = _wait_exit(restart, 90)
+    log = fed.runner.log("leaver-restart")
+    assert rc == 5 and "SuperNode ID:" not in log, log
     assert "key is not registered at the SuperLink" in log, log
+
+
+def test_key_rotation_by_one_command(federation: Federation) -> None:
+    """`node_keys.py rotate`: the site's new key is registered, its old node removed by id;
+    registering the site again without rotating is refused; `list` shows the new node."""
+    fed = federation
+    fed.script("node_keys", "create", "--out", fed.keys, "--site", "rotor")
+    fed.register(["rotor"])
+    old_id = fed.node_ids["rotor"]
+    fed.script("node_keys", "create", "--out", fed.keys, "--site", "rotor-2027")
+    refused = fed.run_script("node_keys", "register", fed.keys / "rotor-2027.pub",
+                             "--site", "rotor", "--connection", CONNECTION)
+    assert refused.returncode == 2 and "already has an active key" in refused.stderr
+    assert "node_keys.py rotate" in refused.stderr
+
+    out = fed.script("node_keys", "rotate", fed.keys / "rotor-2027.pub", "--site", "rotor",
+                     "--connection", CONNECTION)
+    entry = json.loads(fed.registry.read_text())["rotor"]
+    new_id = int(entry["node_id"])
+    assert new_id != old_id and f"old SuperNode {old_id} unregistered" in out, out
+    assert entry["fingerprint"] == _last_line(fed.script("node_keys", "fingerprint",
+                                                         fed.keys / "rotor-2027.pub"))
+
+    new = fed.start_supernode("rotor-new", "rotor", key=fed.keys / "rotor-2027",
+                              data_path=fed.data_dir / "processed.va.data")
+    old = fed.start_supernode("rotor-old", "rotor", key=fed.keys / "rotor",
+                              data_path=fed.data_dir / "processed.va.data",
+                              extra=["--max-retries", "1"])
+    fed.wait_connected(["rotor-new"])
+    listing = fed.script("node_keys", "list", "--connection", CONNECTION)
+    row = next(line.split() for line in listing.splitlines() if line.startswith("rotor "))
+    assert row == ["rotor", str(new_id), entry["fingerprint"], "online"], listing
+    rc = _wait_exit(old, 90)
+    log = fed.runner.log("rotor-old")
+    assert rc == 5 and "SuperNode ID:" not in log, log
+    fed.runner.signal_group("rotor-new", signal.SIGTERM)  # stopped on request: status 0
+    assert _wait_exit(new, 60) == 0, fed.runner.log("rotor-new")

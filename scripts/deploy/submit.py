@@ -8,20 +8,31 @@ runs ``flwr run <app> <connection> --run-config 'overrides="..."' [--stream]`` w
 dependency installation disabled. ``output_dir`` must be an absolute path on the SuperLink's
 machine: the ServerApp runs there, in the SuperLink's working directory.
 Without ``--stream`` it prints the run id; follow it with ``flwr log <run-id> <connection>``
-and list runs with ``flwr ls <connection>``.
+and list runs with ``flwr ls <connection>`` (or ``run_status.py <connection> --run-id N``).
+
+With ``--stream`` it follows the run's log and then asks the SuperLink how the run ended
+(``flwr run`` itself exits 0 for a failed run): exit status 0 only for a completed run, 1 for a
+failed or stopped one, whose reason is the last line (``error: run <id> failed: <reason>``).
+Flower's traceback of the ServerApp's exception and its "Exit Code: 201" block are left out
+of the stream: the reason is the line fedclinic logged, and again the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DeployError, fail, flower_env, flower_executable
+from run_status import RunStatus, run_status
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,6 +58,94 @@ def run_command(app: Path, connection: str, overrides: str, stream: bool) -> lis
     return command + (["--stream"] if stream else ["--format", "json"])
 
 
+STARTED = re.compile(r"Successfully started run (\d+)")
+# A Flower log line starts with its level (colours optional): "INFO :", "\x1b[91mERROR \x1b[0m:"
+LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(\x1b\[0m)?\s*:")
+EXIT_CODE = re.compile(r"Exit Code: \d+")
+SERVERAPP_PREFIX = "ServerApp failed with exception: "
+
+
+def readable(lines: Iterable[str]) -> Iterator[str]:
+    """The run's log without Flower's report of the ServerApp's exception.
+
+    Dropped: "ServerApp raised an exception" with the traceback after it, and the "Exit Code:
+    201 / An unhandled exception occurred ..." block, each up to the next log line. fedclinic
+    logs its one-line reason before raising, so nothing the operator needs is lost.
+    """
+    skipping = False
+    for line in lines:
+        if skipping and LOG_LINE.match(line) and not EXIT_CODE.search(line):
+            skipping = False
+        if "raised an exception" in line or EXIT_CODE.search(line) or \
+                line.startswith("Traceback (most recent call last):"):
+            skipping = True
+        if not skipping:
+            yield line
+
+
+def failure_reason(status: RunStatus) -> str:
+    """The run's failure in one line: the ServerApp's exception message, first line."""
+    details = status.details.removeprefix(SERVERAPP_PREFIX).strip()
+    first = next((x.strip() for x in details.splitlines() if x.strip()), "")
+    return first or f"the SuperLink reports {status.status} without details"
+
+
+def final_status(connection: str, run_id: int, flwr_home: Path | None,
+                 wait_s: float = 30.0) -> RunStatus:
+    """The run's status once the SuperLink marks it finished (the log ends slightly before)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = run_status(connection, run_id, flwr_home)
+        if status.finished or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def stream_and_judge(command: list[str], env: dict[str, str], connection: str,
+                     flwr_home: Path | None, timeout: float | None) -> int:
+    """Run ``flwr run --stream``, echo its readable log; exit status from the run's status."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    timer = threading.Timer(timeout, proc.kill) if timeout is not None else None
+    if timer is not None:
+        timer.start()
+    run_id: int | None = None
+
+    def lines() -> Iterator[str]:
+        nonlocal run_id
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if run_id is None and (match := STARTED.search(line)):
+                run_id = int(match.group(1))
+            yield line
+
+    for line in readable(lines()):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    rc = proc.wait()
+    if timer is not None and not timer.is_alive():  # it fired: the run may go on
+        fail(f"no end of the run within {timeout:.0f}s; it may still go on: see "
+             f"`flwr ls {connection}`", 124)
+    if timer is not None:
+        timer.cancel()
+    if run_id is None:
+        fail(f"`flwr run` did not start a run (exit status {rc}); see its output above")
+    assert run_id is not None
+    try:
+        status = final_status(connection, run_id, flwr_home)
+    except DeployError as err:
+        fail(f"run {run_id}: cannot read its status from the SuperLink: {err}", 2)
+    if status.ok:
+        print(f"run {run_id}: completed", flush=True)
+        return 0
+    if not status.finished:
+        fail(f"run {run_id} is still {status.status} after its log ended; see "
+             f"`flwr ls {connection} --run-id {run_id}`", 3)
+    verb = "was stopped" if status.status.endswith("stopped") else "failed"
+    fail(f"run {run_id} {verb}: {failure_reason(status)}", 1)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.flwr_home is not None:
         env["FLWR_HOME"] = str(args.flwr_home.expanduser().resolve())
     print(shlex.join(command), flush=True)
+    if args.stream:
+        raise SystemExit(stream_and_judge(command, env, args.connection, args.flwr_home,
+                                          args.timeout))
     try:
         done = subprocess.run(command, env=env, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:

@@ -39,12 +39,20 @@ def exited_clientapps(parent: int) -> list[int]:
     return pids
 
 
+def reap_once() -> list[int]:
+    """Reap this process's exited flwr-clientapp children; return their PIDs."""
+    reaped = []
+    for pid in exited_clientapps(os.getpid()):
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped.append(pid)
+    return reaped
+
+
 def reap_forever(interval_s: float = REAP_INTERVAL_S) -> None:
-    """Reap this process's exited flwr-clientapp children, every ``interval_s`` seconds."""
+    """``reap_once`` every ``interval_s`` seconds."""
     while True:
-        for pid in exited_clientapps(os.getpid()):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        reap_once()
         time.sleep(interval_s)
 
 

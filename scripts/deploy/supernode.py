@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -184,13 +183,14 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
-def superexec_command(args: argparse.Namespace, supernode_pid: int) -> list[str]:
-    """``flower-superexec`` for this SuperNode's local Runtime API (see superexec.py); it
-    exits by itself when the SuperNode with ``supernode_pid`` does."""
+def superexec_command(args: argparse.Namespace) -> list[str]:
+    """Flower's ``flower-superexec`` for this SuperNode's local Runtime API, through
+    superexec.py (which reaps each finished flwr-clientapp); it ends with this launcher."""
+    host = "127.0.0.1" if args.runtime_host in ("0.0.0.0", "") else args.runtime_host
     return [
         sys.executable, str(SUPEREXEC), "--insecure",
-        "--runtime-api-address", f"{args.runtime_host}:{args.runtime_port}",
-        "--parent-pid", str(supernode_pid),
+        "--runtime-api-address", f"{host}:{args.runtime_port}",
+        "--parent-pid", str(os.getpid()),
     ]
 
 
@@ -289,17 +289,19 @@ def outcome(rc: int, seen: Observed, hints: dict[str, str]) -> tuple[int, str | 
     return rc, f"flower-supernode failed (exit code {rc}); see its log above"
 
 
-def run_supervised(command: list[str], superexec: Callable[[int], list[str]],
-                   hints: dict[str, str]) -> int:
-    """Run ``command`` (flower-supernode) and its SuperExec, echo their logs, forward
-    SIGTERM/SIGINT; when the SuperNode ends, say why in one line; return the exit status."""
+def run_supervised(command: list[str], hints: dict[str, str], helper: list[str],
+                   env_extra: dict[str, str] | None = None) -> int:
+    """Run ``command`` (flower-supernode) and ``helper`` (its SuperExec) beside it, echo their
+    logs, forward SIGTERM/SIGINT; when the SuperNode ends, stop the helper and say why in one
+    line; return the launcher's exit status (module docstring)."""
     adopted = _become_subreaper()
     env = flower_env({"PYTHONUNBUFFERED": "1",
-                      "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_INTERVAL_S})
+                      "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_INTERVAL_S,
+                      **(env_extra or {})})
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", env=env)
-    helper = subprocess.Popen(superexec(child.pid), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    superexec = subprocess.Popen(helper, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, errors="replace", env=env)
     seen = Observed()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -343,18 +345,18 @@ def run_supervised(command: list[str], superexec: Callable[[int], list[str]],
     # Read in threads: Flower's helpers inherit the pipes and may keep them open after the
     # SuperNode itself has exited, so end-of-file is no sign that it stopped.
     readers = [threading.Thread(target=echo, args=(p, p is child), daemon=True)
-               for p in (child, helper)]
+               for p in (child, superexec)]
     for reader in readers:
         reader.start()
     rc = child.wait()
     readers[0].join(timeout=2.0)
-    if helper.poll() is None:  # it follows its --parent-pid within seconds; do not wait
-        helper.terminate()
+    if superexec.poll() is None:  # no ClientApp can start without the SuperNode
+        superexec.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
-        helper.wait(timeout=10)
-    if helper.poll() is None:
-        helper.kill()
-        helper.wait()
+        superexec.wait(timeout=10)
+    if superexec.poll() is None:
+        superexec.kill()
+        superexec.wait()
     if adopted:
         _stop_leftovers()
     status, reason = outcome(rc, seen, hints)
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = {**{p: h for p, _, h in HINTS}, REMOVED: REMOVED_HINT, LOST: LOST_HINT}
     hints = {p: h.format(pub=pub, ca=args.ca, key=args.key, superlink=args.superlink)
              for p, h in texts.items()}
-    raise SystemExit(run_supervised(command, lambda pid: superexec_command(args, pid), hints))
+    raise SystemExit(run_supervised(command, hints, superexec_command(args)))
 
 
 if __name__ == "__main__":
