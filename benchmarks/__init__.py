@@ -1,0 +1,1 @@
+"""Benchmarks (speed and size numbers, never asserted in tests): ``python -m benchmarks.<name>``."""

@@ -218,6 +218,7 @@ NOT_REGISTERED = "\x1b[91mERROR \x1b[0m:     [code: 2004] Failed to activate Sup
 
 @pytest.mark.parametrize(("lines", "rc", "stop", "status", "says"), [
     ([CONNECTED, GRACEFUL], 0, True, 0, None),  # stopped on request: quiet, status 0
+    ([CONNECTED, GRACEFUL], -15, True, 0, None),  # ... also when the signal ended it
     ([CONNECTED, GRACEFUL], 0, False, 5, "its key was unregistered"),  # removed while running
     ([NOT_REGISTERED], 1, False, 5, "key is not registered at the SuperLink"),
     ([CONNECTED, GAVE_UP, REFUSED, GRACEFUL], 0, False, 6, "lost the connection"),

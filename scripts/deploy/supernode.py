@@ -58,6 +58,7 @@ EXIT_FAILED, EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 1, 2, 3, 4
 EXIT_NOT_REGISTERED, EXIT_LOST = 5, 6
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 FORWARD_DELAY_S = 3.0
+GRACEFUL_STOP_S = 30.0  # time a SuperNode that is shutting down gets before a second signal
 SUPEREXEC = Path(__file__).resolve().parent / "superexec.py"
 # SuperExec asks the SuperNode for a new message every second by default; each round of a
 # run waits for it once per message, so poll faster (it is a local HTTP call).
@@ -272,8 +273,8 @@ def outcome(rc: int, seen: Observed, hints: dict[str, str]) -> tuple[int, str | 
     rejects the node's signature while it runs (its key was unregistered): only the launcher
     knows whether a stop was requested, so an unrequested graceful exit is the removal.
     """
-    if seen.stop_requested:
-        return rc, None
+    if seen.stop_requested:  # a stop that ended by the signal itself is still a clean stop
+        return (0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc), None
     for pattern, status, _ in HINTS:  # in order of precedence
         if pattern in seen.patterns and not (seen.connected and status == EXIT_UNREACHABLE):
             return status, hints[pattern]
@@ -314,7 +315,13 @@ def run_supervised(command: list[str], hints: dict[str, str], helper: list[str],
         def later() -> None:
             try:
                 child.wait(timeout=FORWARD_DELAY_S)
+                return
             except subprocess.TimeoutExpired:
+                pass
+            if seen.graceful:  # it got the signal and is shutting down: do not cut that short
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=GRACEFUL_STOP_S)
+            if child.poll() is None:
                 child.send_signal(signum)
 
         threading.Thread(target=later, daemon=True).start()
