@@ -45,8 +45,9 @@ class RunStatus:
         return self.status == "finished:completed"
 
     def line(self) -> str:
-        """``run <id>: <status>`` plus the details when there are any."""
-        return f"run {self.run_id}: {self.status}" + (f" ({self.details})" if self.details else "")
+        """``run <id>: <status>`` plus the details, on one line."""
+        details = " ".join(self.details.split())  # one line, even for multi-line reasons
+        return f"run {self.run_id}: {self.status}" + (f" ({details})" if details else "")
 
 
 def run_status(connection: str, run_id: int | None = None, flwr_home: Path | None = None,
