@@ -29,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import ConcatDataset
 
 from fl_app.config import ConfigError, compose_config
-from fl_app.metrics import pooled_metrics, public_site_metrics
+from fl_app.metrics import choose_site_threshold, pooled_metrics, public_site_metrics
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
-from tasks import SiteData, SiteRef, engine, get_task
+from fl_app.threshold import rule_of
+from tasks import SiteData, SiteRef, Task, engine, get_task
 from tasks.base import pick_device
 from tasks.federated_stats import combine_moments
 
@@ -71,6 +72,7 @@ def run_centralized(cfg: DictConfig) -> RunFolder:
     from fl_app.experiment import seed_everything
 
     cfg = centralized_config(cfg)
+    rule_of(cfg)  # a bad task.threshold fails now, not after the first epoch block
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name)
     sites = load_sites(cfg)
@@ -79,7 +81,8 @@ def run_centralized(cfg: DictConfig) -> RunFolder:
     run = RunFolder.create(cfg)
     run.write_json("sites.json", {"sites": [
         {"name": s.name, "num_train": s.num_train, "num_test": s.num_test} for s in sites
-    ]})
+    ], "model_info": {k: v for k, v in sites[0].info.items()
+                      if isinstance(v, (int, float, str, list))}})
     log(INFO, "fedclinic centralized: task=%s, %d sites pooled (%d training examples); "
         "run folder %s", cfg.task.name, len(sites), sum(s.num_train for s in sites), run.path)
     pooled_train = ConcatDataset([s.train for s in sites])
@@ -90,31 +93,40 @@ def run_centralized(cfg: DictConfig) -> RunFolder:
                                     seed=cfg.seed + round_)
         result = engine.train(model, loader, epochs=cfg.task.local_epochs,
                               optimizer=optimizer, device=device)
-        line = evaluate_sites(model, sites, device, round_, result["train_loss"])
+        line, raw = evaluate_sites(model, sites, device, round_, result["train_loss"], task)
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         run.save_model("checkpoints/latest.pt", _cpu_state(model))
         log(INFO, "[epoch block %d/%d] pooled: accuracy %.4f  auc %.4f  train_loss %.4f",
             round_, cfg.num_rounds, line["pooled"]["accuracy"],
             line["pooled"].get("auc", float("nan")), result["train_loss"])
+    threshold = choose_site_threshold(raw, cfg.task.get("threshold", "0.5")) if history else None
+    if threshold is not None:  # as a federated run: the final model at the chosen threshold
+        history[-1], _ = evaluate_sites(model, sites, device, cfg.num_rounds,
+                                        history[-1]["train"][CENTRALIZED]["train_loss"], task,
+                                        threshold)
     finish(run, cfg, model, history)
     return run
 
 
 def evaluate_sites(model: torch.nn.Module, sites: list[SiteData], device: torch.device,
-                   round_: int, train_loss: float) -> dict[str, Any]:
-    """One metrics.jsonl line: the model on each site's test split and pooled over them."""
-    per_site = {
-        s.name: engine.evaluate(model, engine.make_loader(s.test, 256, False, 0), device)
-        for s in sites
-    }
-    return {
+                   round_: int, train_loss: float, task: Task | None = None,
+                   threshold_logit: float | None = None
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """One metrics.jsonl line (the model on each site's test split and pooled over them,
+    evaluated as the sites of a federated run do: ``engine.evaluate_site`` with the task's
+    extra metrics, at ``threshold_logit`` if given) and each site's full reply."""
+    extra = task.extra_metrics if task is not None else None
+    per_site = {s.name: engine.evaluate_site(model, s, device, extra, threshold_logit)
+                for s in sites}
+    line = {
         "round": round_,
         "pooled": pooled_metrics(per_site),
         "per_site": {name: public_site_metrics(m) for name, m in per_site.items()},
         "train": {CENTRALIZED: {"train_loss": train_loss}},
         "missing_sites": [],
     }
+    return line, per_site
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -134,6 +146,7 @@ def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
             "privacy": cfg.privacy.name,
             "epochs": len(history) * cfg.task.local_epochs,
             "status": "completed",
+            "threshold_rule": cfg.task.get("threshold"),
         },
         f"{cfg.task.name} / centralized baseline (pooled training data)",
     )

@@ -98,11 +98,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the site's test split."""
+    """Evaluate the global model on the site's test split (and send the k-patient score
+    groups of its validation split, from which the server picks the operating threshold);
+    with ``threshold-logit`` in the config, at that threshold instead of argmax."""
     session = SiteSession(msg, context.node_config)
     site = session.site()
     model = _model(session, msg)
-    loader = engine.make_loader(site.test, 256, shuffle=False, seed=0)
-    metrics = engine.evaluate(model, loader, session.device) | weight_metrics(session.cfg)
+    threshold = msg.content["config"].get("threshold-logit")  # set after the last round
+    metrics = engine.evaluate_site(model, site, session.device, session.task.extra_metrics,
+                                   None if threshold is None else float(threshold))
+    metrics |= weight_metrics(session.cfg)
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
     return Message(content, reply_to=msg)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
@@ -18,7 +18,13 @@ from omegaconf import DictConfig
 import strategies
 from fl_app.config import to_json
 from fl_app.federation_guard import FederationGuard, SiteFailure
-from fl_app.metrics import SiteMetricsCollector, public_site_metrics
+from fl_app.metrics import (
+    SiteMetricsCollector,
+    metrics_of,
+    pooled_metrics,
+    public_site_metrics,
+    site_name,
+)
 from fl_app.privacy_ledger import PrivacyLedger
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
@@ -32,6 +38,7 @@ from fl_app.sites import (
     wait_for_nodes,
     wait_for_stable_nodes,
 )
+from fl_app.threshold import rule_of
 from strategies.budget import PrivacyStop
 from tasks import get_task
 
@@ -64,6 +71,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
 def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None]) -> RunFolder:
     """The experiment; ``created`` is told the run folder as soon as it exists."""
     seed_everything(cfg.seed)
+    rule_of(cfg)  # a bad task.threshold fails now, not after the first round
     task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
     if expected is None:  # simulated partition: one site per connected SuperNode
@@ -102,12 +110,13 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
                 {"name": f.name, "num_train": f.num_train, "num_test": f.num_test} for f in facts
             ],
             "feature_statistics": stats,
+            "model_info": info,
         },
     )
 
     model = task.build_model(cfg, info)
     node_sites = {f.node_id: f.name for f in facts}
-    collector = SiteMetricsCollector()
+    collector = SiteMetricsCollector(cfg.task.get("threshold", "0.5"))
     strategy = strategies.build(
         cfg,
         len(facts),
@@ -171,10 +180,40 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         log(ERROR, "fedclinic: stopping after %d round(s): %s", len(history), failure)
         final, stopped = latest["arrays"], failure
     ledger.flush()
+    if stopped is None and history and collector.threshold_logit is not None:
+        _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
     _finish(run, cfg, final, history, ledger, _outcome(guard, stopped))
     if stopped is not None:
         raise SiteFailure(f"{stopped}. The {len(history)} completed round(s) are in {run.path}")
     return run
+
+
+def _at_threshold(grid: Grid, cfg: DictConfig, record: ConfigRecord, arrays: ArrayRecord,
+                  threshold_logit: float, history: list[dict[str, Any]]) -> None:
+    """One more evaluation of the final model: every site reports its exact test accuracy,
+    sensitivity and specificity at the operating threshold the server chose from the last
+    round's validation score groups (fl_app.threshold). The last history line (what
+    summary.json reports) then carries them; on a site failure the argmax (0.5) metrics stay.
+    """
+    config = ConfigRecord({**dict(record), "threshold-logit": threshold_logit,
+                           "server-round": len(history)})
+    nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE) for node in nodes]
+    replies = [r for r in grid.send_and_receive(messages, timeout=cfg.round_timeout_s)
+               if not r.has_error()]
+    if len(replies) != len(nodes):
+        log(ERROR, "fedclinic: %d of %d sites did not report at the chosen threshold; the "
+            "summary keeps the 0.5 metrics", len(nodes) - len(replies), len(nodes))
+        return
+    per_site = {site_name(r): metrics_of(r) for r in replies}
+    pooled = pooled_metrics(per_site)
+    history[-1] = {**history[-1], "pooled": pooled,
+                   "per_site": {s: public_site_metrics(m) for s, m in per_site.items()}}
+    log(INFO, "fedclinic: operating threshold %.4g (task.threshold=%s): pooled accuracy %.4f "
+        "sensitivity %.4f specificity %.4f", pooled["threshold"], cfg.task.threshold,
+        pooled["accuracy"], pooled.get("sensitivity", float("nan")),
+        pooled.get("specificity", float("nan")))
 
 
 def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, Any]:
@@ -249,6 +288,7 @@ def _finish(
             "task": cfg.task.name,
             "strategy": cfg.strategy.name,
             "privacy": ledger.summary(),
+            "threshold_rule": cfg.task.get("threshold"),
             **(outcome or {"status": "completed"}),
         },
         f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",

@@ -9,10 +9,21 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fl_app.threshold import (
+    DEFAULT_RULE,
+    choose_threshold,
+    parse_rule,
+    sigmoid,
+    validation_groups,
+)
 from tasks.engine import auc_from_histograms
+from tasks.score_groups import SCORE_KEYS, pooled_auc
 
 SITE_RECORD = "site"  # ConfigRecord in every reply: {"name": <site name>}
 HISTOGRAM_KEYS = ("score-hist-pos", "score-hist-neg")
+# Further k-patient score groups a task may send (prefix -> pooled AUC key): film-level
+# scores of a patch model, and the mean-intensity baseline (tasks.mammography_patches).
+EXTRA_SCORES = {"film-": "film_auc", "intensity-": "intensity_auc"}
 
 
 def site_name(reply: RecordDict) -> str:
@@ -50,7 +61,42 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
         pooled["specificity"] = _weighted(sites, "specificity", n_neg)
     else:
         pooled["auc"] = _weighted(sites, "auc", [int(s["num-examples"]) for s in sites])
+    for prefix, key in EXTRA_SCORES.items():
+        groups = prefixed_groups(sites, prefix)
+        if groups is not None:
+            pooled[key] = pooled_auc(groups)
+            pooled[f"{prefix}num-examples"] = int(sum(s[f"{prefix}num-examples"] for s in sites))
+    if "threshold-logit" in sites[0]:
+        pooled["threshold_logit"] = float(sites[0]["threshold-logit"])
+        pooled["threshold"] = sigmoid(pooled["threshold_logit"])
     return pooled
+
+
+def prefixed_groups(sites: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]] | None:
+    """Every site's score groups stored under ``prefix`` (prefix removed); None if a site
+    has none."""
+    keys = [prefix + k for k in SCORE_KEYS]
+    if not all(k in s for s in sites for k in keys):
+        return None
+    return [{k: s[prefix + k] for k in SCORE_KEYS} for s in sites]
+
+
+def choose_site_threshold(per_site: dict[str, dict[str, Any]], rule_text: object = DEFAULT_RULE
+                          ) -> float | None:
+    """The logit threshold of ``task.threshold`` from the sites' validation score groups
+    (fl_app.threshold); None for the default 0.5, for non-binary tasks, or when a rule that
+    needs validation data finds none (then the sites' argmax, i.e. 0.5, stays)."""
+    rule = parse_rule(rule_text)
+    sites = list(per_site.values())
+    if rule.is_default or not sites or not all("sensitivity" in s for s in sites):
+        return None
+    groups = validation_groups(sites)
+    if rule.needs_validation and groups is None:
+        return None
+    try:
+        return choose_threshold(rule, groups)
+    except ValueError:
+        return None
 
 
 def _weighted(sites: list[dict[str, Any]], key: str, weights: list[int]) -> float:
@@ -61,8 +107,10 @@ def _weighted(sites: list[dict[str, Any]], key: str, weights: list[int]) -> floa
 
 
 def public_site_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A site's metrics without the score histograms (kept out of the metric files)."""
-    return {k: v for k, v in metrics.items() if k not in HISTOGRAM_KEYS}
+    """A site's metrics without score histograms or score groups (they only feed pooled
+    values, under any prefix: ``val-``, ``film-``, ``intensity-``)."""
+    return {k: v for k, v in metrics.items()
+            if k not in HISTOGRAM_KEYS and not k.endswith(SCORE_KEYS)}
 
 
 class SiteMetricsCollector:
@@ -73,7 +121,9 @@ class SiteMetricsCollector:
     ``last_evaluate`` (site -> metrics) after the round.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threshold: object = DEFAULT_RULE) -> None:
+        self.threshold = threshold  # task.threshold: how the operating threshold is chosen
+        self.threshold_logit: float | None = None  # chosen after the latest evaluation
         self.last_train: dict[str, dict[str, Any]] = {}
         self.last_evaluate: dict[str, dict[str, Any]] = {}
         self.last_pooled: dict[str, Any] = {}
@@ -87,7 +137,10 @@ class SiteMetricsCollector:
         """Keep per-site evaluation metrics; return the pooled metrics."""
         self.last_evaluate = {site_name(r): metrics_of(r) for r in replies}
         self.last_pooled = pooled_metrics(self.last_evaluate)
-        return MetricRecord({k: float(v) for k, v in self.last_pooled.items()})
+        # the operating threshold this round's model would get (fl_app.threshold)
+        self.threshold_logit = choose_site_threshold(self.last_evaluate, self.threshold)
+        return MetricRecord({k: float(v) for k, v in self.last_pooled.items()
+                             if isinstance(v, (int, float))})
 
     def reset(self) -> None:
         """Forget the latest round (called at the start of each round)."""

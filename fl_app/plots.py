@@ -46,3 +46,31 @@ def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def _value(v: Any) -> float:
     return float("nan") if v is None else float(v)
+
+
+def plot_reliability(bins: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Reliability diagram: observed fraction of positives against the mean predicted
+    probability per bin (the diagonal is perfect calibration), bin counts below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    used = [b for b in bins if b["count"] > 0]
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    top.plot([b["mean_score"] for b in used], [b["fraction_positive"] for b in used],
+             marker="o", color="black", label="model")
+    top.set_ylabel("fraction positive")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    top.set_title(title)
+    widths = [b["high"] - b["low"] for b in bins]
+    bottom.bar([b["low"] for b in bins], [b["count"] for b in bins], width=widths,
+               align="edge", color="grey", edgecolor="black")
+    bottom.set_xlabel("predicted probability of the positive class")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

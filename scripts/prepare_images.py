@@ -30,8 +30,7 @@ import numpy as np
 
 from fl_app.run_folder import atomic_write_bytes, atomic_write_text
 from tasks.base import DataError
-from tasks.image_data import SPLITS, ImageSet, load_folder
-from tasks.partition import split_by_patient
+from tasks.image_data import SPLITS, ImageSet, assign_splits, load_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,30 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.size < 1:
         parser.error("--size must be >= 1")
     return args
-
-
-def assign_splits(data: ImageSet, val_fraction: float, test_fraction: float,
-                  seed: int) -> dict[str, np.ndarray]:
-    """Example indices of train / val / test: the CSV's split column, else a patient-level split."""
-    patients = data.patient_ids or [f"image-{i}" for i in range(len(data))]
-    if data.splits is not None and all(data.splits):
-        splits = np.asarray(data.splits)
-        parts = {split: np.flatnonzero(splits == split) for split in SPLITS}
-    else:
-        parts = split_by_patient(patients, data.labels, val_fraction, test_fraction, seed)
-    seen: dict[str, str] = {}
-    for split, idx in parts.items():
-        for i in idx:
-            other = seen.setdefault(patients[i], split)
-            if other != split:
-                raise DataError(f"patient {patients[i]} has images in both {other} and {split}")
-    for split, fraction in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
-        if fraction > 0 and len(parts[split]) == 0:
-            raise DataError(
-                f"the {split} split is empty ({len(set(patients))} patients); use more patients "
-                "or change --val-fraction / --test-fraction"
-            )
-    return parts
 
 
 def to_npz_bytes(data: ImageSet, parts: dict[str, np.ndarray]) -> bytes:

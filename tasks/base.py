@@ -36,7 +36,7 @@ class SiteRef:
 
 @dataclass
 class SiteData:
-    """One site's local data, ready for training: train and test datasets of (x, y)."""
+    """One site's local data, ready for training: train, test (and validation) datasets."""
 
     name: str
     train: Dataset
@@ -46,6 +46,12 @@ class SiteData:
     info: dict[str, Any] = field(default_factory=dict)
     # Raw arrays that still need federated preprocessing (tabular tasks).
     raw: dict[str, Any] = field(default_factory=dict)
+    # Validation split (patient-disjoint from train and test), e.g. for choosing the
+    # operating threshold; None when the task has none.
+    val: Dataset | None = None
+    # Site-local objects only the task's own hooks use (never sent anywhere): e.g. patient
+    # ids per split, whole test films for film-level scores.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -86,6 +92,9 @@ class Task:
     # Cheap check (path, site name) that a SuperNode's data-path holds this task's kind of
     # data, run before loading; raises DataError (see tasks.data_checks). None: no check.
     check_data_path: Callable[[Path, str], None] | None = None
+    # Extra test metrics of a model on a site beyond the per-example ones (e.g. film-level
+    # scores of a patch model), merged into the site's evaluation reply. None: none.
+    extra_metrics: Callable[[nn.Module, SiteData, torch.device], dict[str, Any]] | None = None
 
 
 def pick_device(requested: str) -> torch.device:

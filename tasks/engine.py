@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,41 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     """Metrics of ``model`` on one loader (see ``classification_metrics``)."""
     labels, probs, loss = predict(model, loader, device)
     return classification_metrics(labels, probs, loss)
+
+
+def logit_of(probs: np.ndarray) -> np.ndarray:
+    """Binary logit scores ``log p1/p0`` (float64) of class probabilities (N, 2)."""
+    p = np.clip(probs.astype(np.float64), np.finfo(np.float64).tiny, 1.0)
+    return np.log(p[:, 1]) - np.log(p[:, 0])
+
+
+def evaluate_site(
+    model: nn.Module, site: Any, device: torch.device,
+    extra: Callable[[nn.Module, Any, torch.device], dict[str, Any]] | None = None,
+    threshold_logit: float | None = None,
+) -> dict[str, Any]:
+    """A site's evaluation reply: test metrics (``classification_metrics``), the k-patient
+    score groups of its validation split (prefix ``val-``; binary tasks with a validation
+    split: the server picks the operating threshold from them) and the task's ``extra``
+    metrics. With ``threshold_logit`` accuracy, sensitivity and specificity are those of
+    ``log p1/p0 >= threshold_logit`` (fl_app.threshold) instead of argmax."""
+    from fl_app.threshold import rates_at  # fl_app imports tasks, not the other way round
+    from tasks.score_groups import score_metrics
+
+    labels, probs, loss = predict(model, make_loader(site.test, 256, False, 0), device)
+    metrics = classification_metrics(labels, probs, loss)
+    binary = probs.shape[1] == 2
+    if binary and threshold_logit is not None:
+        metrics |= rates_at(labels, logit_of(probs), threshold_logit)
+        metrics["threshold-logit"] = float(threshold_logit)
+    val = getattr(site, "val", None)
+    if binary and val is not None and len(val):
+        val_labels, val_probs, _ = predict(model, make_loader(val, 256, False, 0), device)
+        metrics |= {f"val-{k}": v
+                    for k, v in score_metrics(val_labels, logit_of(val_probs)).items()}
+    if extra is not None:
+        metrics |= extra(model, site, device)
+    return metrics
 
 
 def make_optimizer(model: nn.Module, task_cfg: Any) -> torch.optim.Optimizer:

@@ -30,6 +30,7 @@ import numpy as np
 from tasks.base import DataError
 from tasks.dicom import DICOM_SUFFIXES, is_dicom, load_dicom
 from tasks.image_transforms import quiet_load_image
+from tasks.partition import split_by_patient
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -365,3 +366,27 @@ def _scan_class_folders(
     if not rows:
         raise DataError(f"{folder}: the class sub-folders hold no images")
     return rows, classes_out
+
+
+def assign_splits(data: ImageSet, val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, np.ndarray]:
+    """Example indices of train / val / test: the CSV's split column, else a patient-level split."""
+    patients = data.patient_ids or [f"image-{i}" for i in range(len(data))]
+    if data.splits is not None and all(data.splits):
+        splits = np.asarray(data.splits)
+        parts = {split: np.flatnonzero(splits == split) for split in SPLITS}
+    else:
+        parts = split_by_patient(patients, data.labels, val_fraction, test_fraction, seed)
+    seen: dict[str, str] = {}
+    for split, idx in parts.items():
+        for i in idx:
+            other = seen.setdefault(patients[i], split)
+            if other != split:
+                raise DataError(f"patient {patients[i]} has images in both {other} and {split}")
+    for split, fraction in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and len(parts[split]) == 0:
+            raise DataError(
+                f"the {split} split is empty ({len(set(patients))} patients); use more patients "
+                "or change --val-fraction / --test-fraction"
+            )
+    return parts

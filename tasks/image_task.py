@@ -27,22 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from tasks.base import DataError, SiteData, SiteRef, Task
 from tasks.data_checks import check_image_source
-from tasks.image_data import load_folder, load_npz
+from tasks.image_data import SPLITS, load_folder, load_npz
 from tasks.image_models import build_image_model
 from tasks.image_transforms import ImageDataset, augmentation, prepare_images
-from tasks.partition import partition_indices
+from tasks.partition import partition_indices, split_by_patient
 
 FOLDER_DATASETS = ("folder", "dicom")
 
 
 @dataclass(frozen=True)
 class ImageSplits:
-    """Official train and test splits of one data set (raw labels, optional patient ids)."""
+    """Train, validation and test splits of one data set (raw labels, optional patient ids).
+
+    The validation split is the data's own (official) one where it has one, else carved from
+    the training split by ``with_validation``.
+    """
 
     source: str  # file or folder, for messages
     train_images: np.ndarray  # (N, H, W): uint8, or float32 in [0, 1] (folders)
@@ -51,6 +56,23 @@ class ImageSplits:
     test_labels: np.ndarray
     train_groups: np.ndarray | None = None  # patient id per image
     test_groups: np.ndarray | None = None
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    val_groups: np.ndarray | None = None
+
+    def images(self, split: str) -> np.ndarray:
+        """The images of ``split`` (train / val / test); an empty array for a missing val."""
+        found = getattr(self, f"{split}_images")
+        return found if found is not None else self.train_images[:0]
+
+    def labels(self, split: str) -> np.ndarray:
+        """The raw labels of ``split``."""
+        found = getattr(self, f"{split}_labels")
+        return found if found is not None else self.train_labels[:0]
+
+    def groups(self, split: str) -> np.ndarray | None:
+        """Patient ids of ``split`` (None when the data has none)."""
+        return getattr(self, f"{split}_groups")
 
 
 @dataclass(frozen=True)
@@ -107,7 +129,8 @@ def _image_size(cfg: DictConfig) -> int | None:
 def _npz_splits(path: Path) -> ImageSplits:
     data = load_npz(path)
     return ImageSplits(str(path), data["train_images"], data["train_labels"],
-                       data["test_images"], data["test_labels"])
+                       data["test_images"], data["test_labels"],
+                       val_images=data["val_images"], val_labels=data["val_labels"])
 
 
 @lru_cache(maxsize=4)
@@ -120,9 +143,11 @@ def _folder_splits(
     images = load_folder(folder, classes=list(classes) if classes else None, size=size)
     pixels, labels = images.images[:, 0], images.labels
     groups = np.asarray(images.patient_ids) if images.patient_ids else None
+    val = np.zeros(0, dtype=np.int64)
     if images.splits is not None:
         splits = np.asarray(images.splits)
         train, test = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "test")
+        val = np.flatnonzero(splits == "val")
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"{folder}: the manifest's split column needs both 'train' and "
                             "'test' rows (or drop the column for a seeded split)")
@@ -137,11 +162,51 @@ def _folder_splits(
     return ImageSplits(
         str(folder), pixels[train], labels[train], pixels[test], labels[test],
         None if groups is None else groups[train], None if groups is None else groups[test],
+        pixels[val], labels[val], None if groups is None else groups[val],
     )
 
 
 def load_splits(spec: ImageTaskSpec, cfg: DictConfig, path: Path | None = None) -> ImageSplits:
-    """The data set of this config (or the hospital's own ``path``), labels as in the file."""
+    """The data set of this config (or the hospital's own ``path``), labels as in the file,
+    with a validation split (``with_validation``)."""
+    return with_validation(_source_splits(spec, cfg, path), _val_fraction(cfg), int(cfg.seed))
+
+
+def _val_fraction(cfg: DictConfig) -> float:
+    fraction = float(cfg.task.get("val_fraction", 0.1))
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"task.val_fraction must be in [0, 1), got {fraction}")
+    return fraction
+
+
+def with_validation(splits: ImageSplits, fraction: float, seed: int) -> ImageSplits:
+    """``splits`` with a validation split: the data's own val split when it has images, else
+    ``fraction`` of the training PATIENTS (images without patient ids count as their own
+    patient), label-stratified and seeded (``tasks.partition.split_by_patient``).
+
+    In deployment ``splits`` is one hospital's own data, so its validation split is carved
+    from its own training share; in simulation the carve happens before the training split is
+    dealt to simulated hospitals, and each hospital gets its share of the validation patients
+    (``simulated_parts``), which keeps every patient in exactly one split of one site.
+    """
+    if len(splits.labels("val")) > 0 or fraction <= 0 or len(splits.train_labels) < 2:
+        return splits
+    groups = splits.train_groups
+    ids = groups if groups is not None else np.arange(len(splits.train_labels)).astype(str)
+    parts = split_by_patient(ids, splits.train_labels, fraction, 0.0, seed)
+    train, val = parts["train"], parts["val"]
+    if len(train) == 0 or len(val) == 0:
+        return splits
+    return ImageSplits(
+        splits.source, splits.train_images[train], splits.train_labels[train],
+        splits.test_images, splits.test_labels,
+        None if groups is None else groups[train], splits.test_groups,
+        splits.train_images[val], splits.train_labels[val],
+        None if groups is None else groups[val],
+    )
+
+
+def _source_splits(spec: ImageTaskSpec, cfg: DictConfig, path: Path | None) -> ImageSplits:
     if path is None:
         dataset = cfg.task.dataset
         folder = _data_dir(cfg)
@@ -154,13 +219,15 @@ def load_splits(spec: ImageTaskSpec, cfg: DictConfig, path: Path | None = None) 
             )
         file = folder / spec.files[dataset]
         splits = _npz_splits(file)
-        sizes = {"train": len(splits.train_labels), "test": len(splits.test_labels)}
-        ids = spec.patient_ids(folder, dataset, sizes) or {"train": None, "test": None}
+        sizes = {split: len(splits.labels(split)) for split in SPLITS}
+        ids = spec.patient_ids(folder, dataset, sizes) or {}
         flips = spec.flips(folder, dataset, sizes, cfg) or {}
         return ImageSplits(
             splits.source, _flipped(splits.train_images, flips.get("train")),
             splits.train_labels, _flipped(splits.test_images, flips.get("test")),
-            splits.test_labels, ids["train"], ids["test"],
+            splits.test_labels, ids.get("train"), ids.get("test"),
+            _flipped(splits.images("val"), flips.get("val")), splits.labels("val"),
+            ids.get("val"),
         )
     return _own_splits(cfg, path)
 
@@ -234,57 +301,90 @@ def matched_split(
     return [np.flatnonzero(site_of_example == s) for s in range(num_sites)]
 
 
-def simulated_parts(
-    spec: ImageTaskSpec, cfg: DictConfig
-) -> tuple[ImageSplits, Relabelled, Relabelled, list[np.ndarray], list[np.ndarray]]:
-    """The data set, its relabelling, and each simulated site's train and test indices.
+@dataclass(frozen=True)
+class SimulatedSites:
+    """A data set dealt to simulated hospitals.
 
-    Indices refer to the KEPT images of each split (after ``spec.relabel``).
+    ``kept[split]`` says which images of the split the task keeps and their target labels;
+    ``parts[split][s]`` are simulated site ``s``'s indices into the KEPT images of the split.
+    """
+
+    splits: ImageSplits
+    kept: dict[str, Relabelled]
+    parts: dict[str, list[np.ndarray]]
+
+    def groups(self, split: str) -> np.ndarray | None:
+        """Patient ids of the kept images of ``split`` (None without patient ids)."""
+        groups = self.splits.groups(split)
+        return None if groups is None else groups[self.kept[split].keep]
+
+
+def relabel_all(spec: ImageTaskSpec, cfg: DictConfig, splits: ImageSplits) -> dict[str, Relabelled]:
+    """The task's relabelling of every split (validates the raw labels, naming the split)."""
+    return {split: spec.relabel(splits.labels(split), cfg, f"{splits.source} ({split})")
+            for split in SPLITS}
+
+
+def simulated_parts(spec: ImageTaskSpec, cfg: DictConfig) -> SimulatedSites:
+    """The data set, its relabelling, and each simulated site's train / val / test indices.
+
+    The TRAIN split is partitioned by ``partition`` (whole patients where ids exist); the VAL
+    and TEST splits are dealt with the same per-class shares (``matched_split``).
     """
     splits = load_splits(spec, cfg)
-    train = spec.relabel(splits.train_labels, cfg, f"{splits.source} (train)")
-    test = spec.relabel(splits.test_labels, cfg, f"{splits.source} (test)")
-    seed = cfg.seed
-    train_groups = None if splits.train_groups is None else splits.train_groups[train.keep]
-    test_groups = None if splits.test_groups is None else splits.test_groups[test.keep]
+    kept = relabel_all(spec, cfg, splits)
+    seed = int(cfg.seed)
+    sites = SimulatedSites(splits, kept, {})
+    train_groups = sites.groups("train")
     extra = {} if train_groups is None else {"groups": train_groups}
-    train_parts = partition_indices(train.labels, cfg.partition, seed, **extra)
-    test_parts = matched_split(test.labels, [train.labels[p] for p in train_parts], seed + 1,
-                               test_groups)
-    return splits, train, test, train_parts, test_parts
+    train_parts = partition_indices(kept["train"].labels, cfg.partition, seed, **extra)
+    reference = [kept["train"].labels[p] for p in train_parts]
+    sites.parts["train"] = train_parts
+    # seed + 1 for test keeps the test shares of earlier runs; val gets its own stream
+    for split, offset in (("test", 1), ("val", 2)):
+        sites.parts[split] = matched_split(kept[split].labels, reference, seed + offset,
+                                           sites.groups(split))
+    return sites
 
 
 def load_image_site(spec: ImageTaskSpec, cfg: DictConfig, site: SiteRef) -> SiteData:
-    """One site's prepared train and test data (see the module docstring for the sources)."""
+    """One site's prepared train, val and test data (see the module docstring for sources)."""
     if site.data_path is not None:
         splits = load_splits(spec, cfg, Path(site.data_path))
-        train = spec.relabel(splits.train_labels, cfg, f"{splits.source} (train)")
-        test = spec.relabel(splits.test_labels, cfg, f"{splits.source} (test)")
-        train_idx, test_idx = np.arange(len(train.labels)), np.arange(len(test.labels))
+        sites = SimulatedSites(splits, relabel_all(spec, cfg, splits), {})
+        sites.parts.update({s: [np.arange(len(sites.kept[s].labels))] for s in SPLITS})
         index = 0
     else:
         if site.index is None:
             raise DataError(f"site {site.name} has neither a partition-id nor a data-path")
-        splits, train, test, train_parts, test_parts = simulated_parts(spec, cfg)
+        sites = simulated_parts(spec, cfg)
         index = site.index
-        if index >= len(train_parts):
-            raise DataError(f"site index {index} is outside the {len(train_parts)} sites of "
-                            "partition.num_sites")
-        train_idx, test_idx = train_parts[index], test_parts[index]
-    x_train = splits.train_images[train.keep][train_idx]
-    x_test = splits.test_images[test.keep][test_idx]
-    return make_site(spec, cfg, site.name, x_train, train.labels[train_idx],
-                     x_test, test.labels[test_idx], augment_seed=cfg.seed + 1000 * index)
+        if index >= len(sites.parts["train"]):
+            raise DataError(f"site index {index} is outside the {len(sites.parts['train'])} "
+                            "sites of partition.num_sites")
+    images, labels, patients = {}, {}, {}
+    for split in SPLITS:
+        idx = sites.parts[split][index]
+        images[split] = sites.splits.images(split)[sites.kept[split].keep][idx]
+        labels[split] = sites.kept[split].labels[idx]
+        groups = sites.groups(split)
+        patients[split] = None if groups is None else groups[idx]
+    return make_site(spec, cfg, site.name, images, labels,
+                     augment_seed=int(cfg.seed) + 1000 * index, patients=patients)
 
 
 def make_site(
-    spec: ImageTaskSpec, cfg: DictConfig, name: str, x_train: np.ndarray, y_train: np.ndarray,
-    x_test: np.ndarray, y_test: np.ndarray, augment_seed: int,
+    spec: ImageTaskSpec, cfg: DictConfig, name: str, images: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray], augment_seed: int,
+    patients: dict[str, np.ndarray | None] | None = None,
 ) -> SiteData:
-    """Prepare (scale, resize) a site's images once and wrap them as datasets."""
-    train_images = prepare_images(x_train, _image_size(cfg))
-    test_images = prepare_images(x_test, _image_size(cfg))
-    size = int(train_images.shape[-1])
+    """Prepare (scale, standardise, resize) a site's images once and wrap them as datasets.
+
+    ``images`` / ``labels`` hold the ``train``, ``val`` and ``test`` splits; ``patients``
+    (patient id per image, per split) is kept in ``SiteData.extras["patients"]``.
+    """
+    prepared = {split: preprocess(images[split], cfg) for split in SPLITS}
+    size = int(prepared["train"].shape[-1])
     classes = spec.classes(cfg)
     transform = augmentation(cfg.task.get("augment"), size, augment_seed)
     info = {
@@ -292,18 +392,26 @@ def make_site(
         "image_size": size,
         "num_classes": len(classes),
         "classes": classes,
-        "dataset": cfg.task.dataset,
-        "train_class_counts": np.bincount(y_train, minlength=len(classes)).tolist(),
-        "test_class_counts": np.bincount(y_test, minlength=len(classes)).tolist(),
+        "dataset": str(cfg.task.dataset),
+        **{f"{split}_class_counts": np.bincount(labels[split], minlength=len(classes)).tolist()
+           for split in SPLITS},
         **spec.extra_info(cfg),
     }
     return SiteData(
         name=name,
-        train=ImageDataset(train_images, y_train, transform),
-        test=ImageDataset(test_images, y_test),
+        train=ImageDataset(prepared["train"], labels["train"], transform),
+        test=ImageDataset(prepared["test"], labels["test"]),
+        val=ImageDataset(prepared["val"], labels["val"]) if len(labels["val"]) else None,
         num_classes=len(classes),
         info=info,
+        extras={"patients": patients or {}},
     )
+
+
+def preprocess(images: np.ndarray, cfg: DictConfig) -> torch.Tensor:
+    """The task's deterministic preprocessing (scale to [0, 1], intensity standardisation,
+    resize), the same at training, evaluation and external validation."""
+    return prepare_images(images, _image_size(cfg), str(cfg.task.get("intensity", "none")))
 
 
 def make_task(spec: ImageTaskSpec) -> Task:

@@ -26,6 +26,8 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
+    HistogramNormalize,
+    NormalizeIntensity,
     RandAffine,
     RandFlip,
     RandRotate,
@@ -35,17 +37,28 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+INTENSITY_MODES = ("none", "normalize", "histeq")
 
-def prepare_images(images: np.ndarray, image_size: int | None = None) -> torch.Tensor:
+
+def prepare_images(
+    images: np.ndarray, image_size: int | None = None, intensity: str = "none"
+) -> torch.Tensor:
     """(N, H, W) grayscale images (uint8 0-255, or float in [0, 1]) -> float32 (N, 1, S, S).
 
     Intensities are scaled to [0, 1] with MONAI's ``ScaleIntensityRange`` (uint8 only; float
     images must already be in [0, 1], as the DICOM and folder loaders return them). With
     ``image_size`` the images are resized with MONAI's ``Resize`` (area averaging when
-    shrinking, bilinear when enlarging); ``None`` keeps the stored size.
+    shrinking, bilinear when enlarging); ``None`` keeps the stored size. ``intensity``
+    (``task.intensity``) then standardises each image on its own (``standardise``).
     """
     if images.ndim != 3:
         raise ValueError(f"expected grayscale images of shape (N, H, W), got {images.shape}")
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"task.intensity must be one of {', '.join(INTENSITY_MODES)}, "
+                         f"got '{intensity}'")
+    if len(images) == 0:
+        side = image_size or images.shape[1]
+        return torch.zeros((0, 1, side, side), dtype=torch.float32)
     if images.dtype == np.uint8:
         scale = ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
         data = scale(images)
@@ -56,7 +69,27 @@ def prepare_images(images: np.ndarray, image_size: int | None = None) -> torch.T
         shrink = image_size < min(data.shape[1], data.shape[2])
         resize = Resize((image_size, image_size), mode="area" if shrink else "bilinear")
         data = _plain(resize(data))  # the N images act as N channels of one image
-    return data.unsqueeze(1).contiguous()
+    return standardise(data, intensity).unsqueeze(1).contiguous()
+
+
+def standardise(data: torch.Tensor, intensity: str) -> torch.Tensor:
+    """Per-image intensity standardisation of (N, H, W) images in [0, 1].
+
+    - ``none``: unchanged;
+    - ``normalize``: MONAI ``NormalizeIntensity`` per image (zero mean, unit standard
+      deviation), which removes a scanner's or site's overall brightness and contrast;
+    - ``histeq``: MONAI ``HistogramNormalize`` per image (histogram equalisation to [0, 1]),
+      which also removes a non-linear grey-level mapping (different film/detector curves).
+    Each image is standardised by its own statistics, so a site, the external validation
+    and a single image all get the same result for the same pixels.
+    """
+    if intensity == "none":
+        return data
+    if intensity == "normalize":
+        # the N images are the N channels of one MONAI image: channel_wise = per image
+        return _plain(NormalizeIntensity(channel_wise=True)(data))
+    equalise = HistogramNormalize(num_bins=256, min=0, max=1)
+    return torch.stack([_plain(equalise(image[None]))[0] for image in data])
 
 
 def _plain(data: Any) -> torch.Tensor:

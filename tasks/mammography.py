@@ -1,12 +1,16 @@
 """Mammography on mini-MIAS (Suckling et al. 1994): 322 film mammograms of 161 patients.
 
-Data sets (``task.dataset``): ``mias128`` (default, ``mias_128.npz``) and ``mias256``
-(``mias_256.npz``), whole films resized by block averaging, with the file's patient-level
-split (train 226 / val 32 / test 64 images); patient ids come from ``mias_metadata.csv``, so
-a patient's two films always stay at one simulated hospital. ``folder`` / ``dicom``: a
-hospital's own films (labels coded normal / benign / malignant, ``task.classes``).
+Data sets (``task.dataset``): ``mias128`` (default, ``mias_128.npz``), ``mias256``
+(``mias_256.npz``) and ``mias512`` (``mias_512.npz``), whole films resized by block averaging,
+with the file's patient-level split (train 226 / val 32 / test 64 images); patient ids come
+from ``mias_metadata.csv``, so a patient's two films always stay at one simulated hospital.
+``folder`` / ``dicom``: a hospital's own films (labels coded normal / benign / malignant,
+``task.classes``).
 
 Raw labels: 0 = normal, 1 = benign, 2 = malignant (the most severe finding on the film).
+Views (``task.view``): ``film`` (one prediction per whole film) or ``patch`` (lesion-centred
+and normal-tissue windows, film-level scores by a sliding window: ``tasks.mammography_patches``).
+
 Targets (``task.target``):
 - ``abnormal``: normal (0) vs abnormal (1 = benign or malignant), all films;
 - ``malignancy``: benign (0) vs malignant (1), abnormal films only (80 train / 23 test).
@@ -19,17 +23,20 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from tasks.base import DataError
+from tasks.base import DataError, SiteData, SiteRef, Task
 from tasks.image_task import (
     ImageTaskSpec,
     Relabelled,
     check_labels,
+    load_image_site,
     make_task,
     metadata_column,
     patient_ids_from_csv,
 )
+from tasks.mammography_patches import load_patch_site, patch_metrics
 
-FILES = {"mias128": "mias_128.npz", "mias256": "mias_256.npz"}
+FILES = {"mias128": "mias_128.npz", "mias256": "mias_256.npz", "mias512": "mias_512.npz"}
+VIEWS = ("film", "patch")
 METADATA = "mias_metadata.csv"
 RAW_CLASSES = ("normal", "benign", "malignant")
 TARGETS = {"abnormal": ["normal", "abnormal"], "malignancy": ["benign", "malignant"]}
@@ -86,11 +93,26 @@ def classes(cfg: DictConfig) -> list[str]:
 
 
 def extra_info(cfg: DictConfig) -> dict[str, str]:
-    """Which target the sites trained on (shown in sites.json)."""
-    return {"target": _target(cfg)}
+    """Which target and view the sites trained on (shown in sites.json)."""
+    return {"target": _target(cfg), "view": _view(cfg)}
+
+
+def _view(cfg: DictConfig) -> str:
+    view = str(cfg.task.get("view", "film"))
+    if view not in VIEWS:
+        raise DataError(f"task.view must be one of {', '.join(VIEWS)}, got '{view}'")
+    return view
+
+
+def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
+    """Whole films (``task.view=film``) or lesion / normal-tissue patches (``patch``)."""
+    if _view(cfg) == "patch":
+        return load_patch_site(SPEC, cfg, site)
+    return load_image_site(SPEC, cfg, site)
 
 
 SPEC = ImageTaskSpec(name="mammography", files=FILES, patient_ids=patient_ids,
                      relabel=relabel, classes=classes, extra_info=extra_info,
                      flips=laterality_flips)
-TASK = make_task(SPEC)
+TASK = Task(**{**make_task(SPEC).__dict__, "load_site": load_site,
+                "extra_metrics": patch_metrics})

@@ -158,7 +158,9 @@ def test_matched_split_follows_reference_shares_and_keeps_groups() -> None:
 
 def test_chest_sites_partition_train_and_cover_official_test(shared_data: Path) -> None:
     cfg = chest(shared_data)
-    _, train, test, train_parts, test_parts = simulated_parts(CHEST, cfg)
+    sim = simulated_parts(CHEST, cfg)
+    train, test = sim.kept["train"], sim.kept["test"]
+    train_parts, test_parts = sim.parts["train"], sim.parts["test"]
     assert len(train.labels) == 4708 and len(test.labels) == PNEUMONIA_TEST
     for parts, n in ((train_parts, 4708), (test_parts, PNEUMONIA_TEST)):
         assert sorted(np.concatenate(parts).tolist()) == list(range(n))
@@ -178,7 +180,9 @@ def test_chest_sites_partition_train_and_cover_official_test(shared_data: Path) 
 
 def test_kermany_sites_are_patient_level(shared_data: Path) -> None:
     cfg = chest(shared_data, "task.dataset=kermany64")
-    splits, _, test, train_parts, test_parts = simulated_parts(CHEST, cfg)
+    sim = simulated_parts(CHEST, cfg)
+    splits, test = sim.splits, sim.kept["test"]
+    train_parts, test_parts = sim.parts["train"], sim.parts["test"]
     assert splits.train_groups is not None and len(test.labels) == PNEUMONIA_TEST
     for groups, parts in ((splits.train_groups, train_parts), (splits.test_groups, test_parts)):
         owners = [set(groups[p]) for p in parts]
@@ -189,14 +193,17 @@ def test_kermany_sites_are_patient_level(shared_data: Path) -> None:
 
 def test_mammography_targets_and_patient_split(shared_data: Path) -> None:
     cfg = mammo(shared_data)
-    splits, train, test, train_parts, _ = simulated_parts(MAMMO, cfg)
+    sim = simulated_parts(MAMMO, cfg)
+    splits, train, test = sim.splits, sim.kept["train"], sim.kept["test"]
+    train_parts = sim.parts["train"]
     assert (len(train.labels), len(test.labels)) == (226, 64)
     assert train.labels.sum() == 80 and test.labels.sum() == 23  # benign + malignant films
     owners = [set(splits.train_groups[p]) for p in train_parts]
     assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1:])
     assert sum(len(o) for o in owners) == 113  # all train patients, both films together
     cfg = mammo(shared_data, "task.target=malignancy")
-    _, train, test, _, _ = simulated_parts(MAMMO, cfg)
+    sim = simulated_parts(MAMMO, cfg)
+    train, test = sim.kept["train"], sim.kept["test"]
     assert (len(train.labels), len(test.labels)) == (80, 23)
     assert train.labels.sum() == 37 and test.labels.sum() == 10  # malignant films
     site = get_task("mammography").load_site(cfg, SiteRef("site-2", index=2))

@@ -54,6 +54,20 @@ class Augment:
 
 
 @dataclass
+class Patch:
+    """``task.patch`` of mammography (``task.view=patch``: lesion-centred windows)."""
+
+    size: int = MISSING
+    normals_per_film: int = MISSING
+    lesion_copies: int = MISSING
+    jitter: float = MISSING
+    eval_normals_per_film: int = MISSING
+    eval_lesion_copies: int = MISSING
+    stride: int = MISSING
+    film_topk: int = MISSING
+
+
+@dataclass
 class ImageTask(Task):
     """What the imaging tasks share."""
 
@@ -66,6 +80,10 @@ class ImageTask(Task):
     dropout: float = MISSING
     optimizer: str = MISSING
     augment: Augment = field(default_factory=Augment)
+    val_fraction: float = MISSING
+    intensity: str = MISSING
+    # a number ("0.5"), "youden" or "sensitivity:<s>" (fl_app.threshold parses it)
+    threshold: str = MISSING
 
 
 @dataclass
@@ -79,6 +97,8 @@ class Mammography(ImageTask):
 
     target: str = MISSING
     align_laterality: bool = MISSING
+    view: str = MISSING
+    patch: Patch = field(default_factory=Patch)
 
 
 SCHEMAS: dict[str, type] = {
