@@ -17,14 +17,18 @@ from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
 from strategies.fedbn import fedbn_mod
+from strategies.secure_aggregation import secure_aggregation_mod
 from strategies.site_privacy import SitePrivacy, weight_metrics
 from tasks import DataError, engine
 
-# FedBN (fedbn=true) keeps normalisation layers at the site; as an app-wide mod it wraps
-# train and evaluate and every handler mod (e.g. DP clipping) inside it.
-app = ClientApp(mods=[fedbn_mod])
+app = ClientApp()
 # central DP with client-side clipping: Flower's fixed/adaptive clipping mod, on train only
 central_dp_clipping_mod = make_clipping_mod(CONFIG_KEY)
+# Train mods, outermost first: secure aggregation protects (masks/encrypts) the update that
+# the inner mods produced: FedBN (fedbn=true) has taken the site-local normalisation layers
+# out of it and central DP has clipped it. FedBN also wraps evaluate (its layers stay local).
+TRAIN_MODS = [secure_aggregation_mod, fedbn_mod, central_dp_clipping_mod]
+EVALUATE_MODS = [fedbn_mod]
 
 
 def _site_record(session: SiteSession) -> ConfigRecord:
@@ -60,7 +64,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": ConfigRecord({"facts": json.dumps(facts)})}), reply_to=msg)
 
 
-@app.train(mods=[central_dp_clipping_mod])
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's training split; reply with weights and metrics.
 
@@ -96,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=EVALUATE_MODS)
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's test split (and send the k-patient score
     groups of its validation split, from which the server picks the operating threshold);

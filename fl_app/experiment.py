@@ -40,6 +40,7 @@ from fl_app.sites import (
 )
 from fl_app.threshold import rule_of
 from strategies.budget import PrivacyStop
+from strategies.secure_aggregation import check_secure_aggregation, secagg_name
 from tasks import get_task
 
 
@@ -72,6 +73,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     """The experiment; ``created`` is told the run folder as soon as it exists."""
     seed_everything(cfg.seed)
     rule_of(cfg)  # a bad task.threshold fails now, not after the first round
+    check_secure_aggregation(cfg)  # a refused combination stops before any site is asked
     task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
     if expected is None:  # simulated partition: one site per connected SuperNode
@@ -149,12 +151,17 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         line["failures"] = {
             f.site: f"{f.stage}: {f.reason}" for f in guard.failures if f.round == server_round
         }
+        # secure aggregation whose sum failed under on_site_failure=continue: the round has
+        # no aggregate (the global model is unchanged) and the run goes on
+        secagg_failure = getattr(strategy, "failed_rounds", {}).get(server_round)
+        if secagg_failure:
+            line["failures"]["secure_aggregation"] = secagg_failure
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
         _log_round(line, cfg.num_rounds)
         collector.reset()
-        if not line["train"]:  # SiteFailure: caught below, summary.json still written
+        if not line["train"] and not secagg_failure:  # SiteFailure: caught below
             raise SiteFailure(
                 f"round {server_round}: no site returned a model update, so the run stops "
                 f"instead of going on with an untrained model. Site errors: {line['failures']}"
@@ -229,12 +236,17 @@ def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, A
 def _round_line(
     server_round: int, collector: SiteMetricsCollector, sites: list[str]
 ) -> dict[str, Any]:
-    """One metrics.jsonl line: pooled and per-site test metrics, per-site train metrics."""
+    """One metrics.jsonl line: pooled and per-site test metrics, per-site train metrics.
+
+    ``aggregated_sites``: the sites whose updates are in the round's aggregate (the replies
+    the aggregator averaged; under secure aggregation, the sites in the unmasked sum).
+    """
     return {
         "round": server_round,
         "pooled": collector.last_pooled,
         "per_site": {s: public_site_metrics(m) for s, m in collector.last_evaluate.items()},
         "train": collector.last_train,
+        "aggregated_sites": sorted(collector.last_train),
         "missing_sites": [s for s in sites if s not in collector.last_evaluate],
     }
 
@@ -289,6 +301,7 @@ def _finish(
             "strategy": cfg.strategy.name,
             "privacy": ledger.summary(),
             "threshold_rule": cfg.task.get("threshold"),
+            "secure_aggregation": secagg_name(cfg),
             **(outcome or {"status": "completed"}),
         },
         f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",

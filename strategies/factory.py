@@ -17,6 +17,7 @@ from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
 from strategies.fedbn import FedBN
 from strategies.fedbn import enabled as fedbn_enabled
 from strategies.privacy import wrap_strategy
+from strategies.secure_aggregation import wrap_secure_aggregation
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -31,17 +32,21 @@ def build(
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
     node_sites: dict[int, str] | None = None,
 ) -> Strategy:
-    """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.privacy``.
+    """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.privacy`` and ``cfg.secagg``.
 
-    Differential privacy (``strategies.privacy.wrap_strategy``) wraps the aggregator: Flower's
-    central-DP wrapper for ``central_dp``, and a budget guard that writes the privacy ledger
-    for both DP mechanisms. ``node_sites`` maps node ids to site names (for the ledger).
+    The chain, innermost first: the aggregator; Flower's central-DP wrapper (``central_dp``:
+    noise added once to the average); the privacy guard (budgets, ledger; it must see each
+    site's reply); FedBN (completes replies with the global normalisation layers); secure
+    aggregation outermost (``strategies.secure_aggregation``): it turns the masked replies
+    into per-site replies carrying the unmasked weighted average, so everything inside works
+    unchanged. ``node_sites`` maps node ids to site names (for the ledger).
     """
     base = _aggregator(cfg, num_sites, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
     strategy = wrap_strategy(base, cfg, num_sites, node_sites)
-    # FedBN outermost: replies lacking the sites' normalisation layers are completed with the
-    # global entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
-    return FedBN(strategy) if fedbn_enabled(cfg) else strategy
+    # FedBN: replies lacking the sites' normalisation layers are completed with the global
+    # entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
+    strategy = FedBN(strategy) if fedbn_enabled(cfg) else strategy
+    return wrap_secure_aggregation(strategy, cfg)
 
 
 def _aggregator(

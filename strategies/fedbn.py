@@ -1,7 +1,8 @@
 """FedBN (Li et al., ICLR 2021): normalisation layers stay at each site.
 
-Site side, ``fedbn_mod`` (a Flower client mod on the whole ClientApp, so it wraps train and
-evaluate and every inner mod such as DP clipping):
+Site side, ``fedbn_mod`` (a Flower client mod on the train and evaluate handlers; on train it
+wraps the inner mods such as DP clipping and sits inside secure aggregation, which must
+protect the update without the site-local layers):
 - incoming train/evaluate message: the global model's normalisation entries (weights,
   biases, running statistics of BatchNorm/GroupNorm/LayerNorm/InstanceNorm layers) are
   replaced by the site's own, kept in ``context.state["fedbn"]`` (an ArrayRecord), so the
