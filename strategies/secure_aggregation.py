@@ -251,6 +251,23 @@ def replies_from_sum(
     return out
 
 
+def check_weights(secure_sum: SecureSum, replies: list[Message], weight_key: str) -> None:
+    """The summed weight must equal the weights the sites reported in their metrics.
+
+    The server cannot see a site's weight inside the sum, but it sees the sum of weights:
+    a site that protected a different weight than it reported (e.g. 1000 instead of central
+    DP's 1, to dominate the average) makes them differ, and the round is refused.
+    """
+    nodes = set(secure_sum.node_ids)
+    reported = sum(reply_weight(r, weight_key) for r in replies
+                   if not r.has_error() and r.metadata.src_node_id in nodes)
+    if abs(reported - secure_sum.weight_sum) > 1e-6 * max(1.0, abs(reported)):
+        raise SecureAggregationFailure(
+            f"the summed weight {secure_sum.weight_sum:g} differs from the '{weight_key}' the "
+            f"sites reported ({reported:g}): a site protected another weight than it reported"
+        )
+
+
 # ----- the server wrapper base ------------------------------------------------------------------
 
 
@@ -337,6 +354,7 @@ class SecureAggregation(StrategyWrapper):
             if self._setup_failure is not None:
                 raise self._setup_failure
             secure_sum = self.secure_sum(server_round, replies, self.grid)
+            check_weights(secure_sum, replies, self.weight_key)
         except SecureAggregationFailure as err:
             why = f"round {server_round}: secure aggregation ({self.name}) failed: {err}"
             self.failed_rounds[server_round] = why

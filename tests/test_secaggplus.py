@@ -225,3 +225,16 @@ def test_allowed_combinations_and_bad_parameters() -> None:
                       "reconstruction_threshold")):
         with pytest.raises(SecureAggregationConfigError, match=key):
             check_secure_aggregation(compose_config(f"secagg=secaggplus {bad}"))
+
+
+def test_a_site_protecting_another_weight_than_it_reports_is_caught() -> None:
+    def understate(msg, context, call_next):  # site 2 reports fewer examples than it summed
+        reply = call_next(msg, context)
+        if context.node_id == 2 and "metrics" in reply.content:
+            reply.content["metrics"]["num-examples"] = 1
+        return reply
+
+    secure = strategies.build(compose_config("secagg=secaggplus on_site_failure=stop"), 3)
+    grid = LocalGrid(3, fake_train, [understate, secure_aggregation_mod])
+    with pytest.raises(SecureAggregationFailure, match="summed weight"):
+        _round(secure, grid, 1, _model())
