@@ -93,6 +93,7 @@ from strategies.secure_aggregation import (
     SecureAggregationFailure,
     SecureAggregationOption,
     SecureSum,
+    has_update,
     reply_weight,
     secagg_record_of,
     split_vector,
@@ -577,7 +578,7 @@ def _collect(state: dict[str, Any], msg: Message, rec: ConfigRecord, context: Co
     global_arrays = msg.content[ARRAYS]  # before inner mods may swap entries (FedBN)
     reply = call_next(msg, context)
     state[STAGE] = COLLECT
-    if reply.has_error() or ARRAYS not in reply.content.array_records:
+    if not has_update(reply):
         return reply  # no update (an error, or a site whose privacy budget is spent)
     weight = reply_weight(reply, str(rec[WEIGHT_KEY_FIELD]))
     keys, update = weighted_update(global_arrays, reply.content[ARRAYS], 1.0)

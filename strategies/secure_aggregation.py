@@ -51,7 +51,7 @@ from omegaconf import DictConfig
 
 from fl_app.config import ConfigError
 from fl_app.federation_guard import SiteFailure
-from strategies.budget import mechanism
+from strategies.budget import STATUS_EXHAUSTED, mechanism, read_spend
 from strategies.wrapper import StrategyWrapper
 
 NONE = "none"
@@ -395,6 +395,20 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if msg.metadata.message_type != MessageType.TRAIN or record is None:
         return call_next(msg, context)
     return option(str(record[OPTION_KEY])).client_mod(msg, context, call_next)
+
+
+def has_update(reply: Message) -> bool:
+    """Whether a site's train reply carries an update to protect.
+
+    Not when it is an error, carries no arrays, or is a privacy-budget refusal (such a site
+    returns the global model unchanged; it must not count in the sum, where its weight would
+    dilute the others'). The reply then goes back unprotected and the site is treated as a
+    dropout of the round.
+    """
+    if reply.has_error() or ARRAYS not in reply.content.array_records:
+        return False
+    spend = read_spend(reply.content)
+    return spend is None or spend.get("status") != STATUS_EXHAUSTED
 
 
 def weighted_update(

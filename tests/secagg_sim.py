@@ -1,100 +1,21 @@
-"""In-process hospitals for secure-aggregation tests: a Grid that runs each site's mods.
+"""Hospitals with known updates for secure-aggregation tests (run on benchmarks.local_grid).
 
-``LocalGrid`` delivers every message through Flower's protobuf serialisation (what a real
-SuperLink does) to the destination site's train mods and handler, each site with its own
-``Context`` (its ``context.state`` persists across messages, as in a SuperNode). A site can be
-"killed" after a given number of messages: from then on it never answers (the server sees
-no reply, as with a hospital whose SuperNode died).
+``fake_train`` is a site's train handler whose update is a known function of (site, round),
+so a test can compute the exact FedAvg aggregate the secure one must equal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
+from flwr.clientapp.typing import Mod
 
-Handler = Callable[[Message, Context], Message]
+from benchmarks.local_grid import LocalGrid, with_mods
 
 
-def _wire(msg: Message) -> Message:
-    """The message as the other side receives it (serialised and parsed back)."""
-    return message_from_proto(message_to_proto(msg))
-
-
-class LocalGrid(Grid):
-    """Sites 1..n answered in-process through ``mods`` around ``handler``."""
-
-    def __init__(self, num_sites: int, handler: Handler, mods: list[Mod]) -> None:
-        self.nodes = list(range(1, num_sites + 1))
-        self.handler = handler
-        self.mods = mods
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
-                       state=RecordDict(), run_config={})
-            for n in self.nodes
-        }
-        self.received: dict[int, int] = dict.fromkeys(self.nodes, 0)
-        self.dies_after: dict[int, int] = {}  # node -> messages it still answers
-        self.seen_by_server: list[Message] = []  # every reply the server got
-
-    # --- Grid -------------------------------------------------------------------------------
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        """The sites still alive."""
-        return [n for n in self.nodes if not self._dead(n)]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        """Deliver each message to its site; dead sites do not answer."""
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if self._dead(node):
-                continue
-            self.received[node] += 1
-            reply = self._call(_wire(msg), self.contexts[node])
-            replies.append(_wire(reply))
-        self.seen_by_server += [_wire(r) for r in replies]  # copies: the server may edit
-        return replies
-
-    # --- sites ------------------------------------------------------------------------------
-    def kill(self, node: int, after_messages: int) -> None:
-        """Site ``node`` stops answering once it has answered ``after_messages`` in total."""
-        self.dies_after[node] = after_messages
-
-    def _dead(self, node: int) -> bool:
-        return node in self.dies_after and self.received[node] >= self.dies_after[node]
-
-    def _call(self, msg: Message, context: Context) -> Message:
-        call: ClientAppCallable = self.handler
-        for mod in reversed(self.mods):
-            call = _wrap(mod, call)
-        return call(msg, context)
-
-
-def _wrap(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
-    return lambda msg, ctx: mod(msg, ctx, call_next)
+def site_grid(num_sites: int, mods: list[Mod]) -> LocalGrid:
+    """``num_sites`` hospitals answering with ``fake_train`` under ``mods``."""
+    return LocalGrid(num_sites, with_mods(mods, fake_train))
 
 
 def site_update(node: int, server_round: int, size: int) -> np.ndarray:

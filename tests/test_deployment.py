@@ -315,3 +315,27 @@ def test_key_rotation_by_one_command(federation: Federation) -> None:
     assert rc == 5 and "SuperNode ID:" not in log, log
     fed.runner.signal_group("rotor-new", signal.SIGTERM)  # stopped on request: status 0
     assert _wait_exit(new, 60) == 0, fed.runner.log("rotor-new")
+
+
+def test_secure_aggregation_across_real_supernodes(federation: Federation, tmp_path: Path) -> None:
+    """secagg=secaggplus over TLS + SuperNode authentication: key advertisement, share
+    exchange, masked training and unmasking travel as real messages between the SuperLink
+    and the hospitals' SuperNodes; the server ends with the aggregate of all three."""
+    fed = federation
+    output_dir = tmp_path / "runs"
+    overrides = (f"task=heart_disease num_rounds=2 min_sites=3 secagg=secaggplus "
+                 f"output_dir={output_dir}")
+    proc = fed.submit("run-secagg", overrides)
+    rc = _wait_exit(proc, RUN_TIMEOUT_S)
+    log = fed.runner.log("run-secagg")
+    folder = run_folder(output_dir)
+    assert rc == 0 and folder is not None, log
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert summary["secure_aggregation"] == "secaggplus"
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["aggregated_sites"] == sorted(HOSPITALS), line
+    assert "secure aggregation (secaggplus): round 2 sum of 3 site(s) unmasked" in log, log
+    assert summary["mean_site_accuracy"] >= 0.7, summary

@@ -1,6 +1,6 @@
 """SecAgg+ on the Message API with in-process hospitals (fast; real crypto, real messages).
 
-The hospitals are simulated by ``tests.secagg_sim.LocalGrid``: every message goes through
+The hospitals are simulated by ``benchmarks.local_grid.LocalGrid``: every message goes through
 Flower's protobuf serialisation to the site's real ``secure_aggregation_mod``; each site's
 update is known, so the secure aggregate can be compared with plain FedAvg's.
 """
@@ -12,6 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 import strategies
+from benchmarks.local_grid import LocalGrid, with_mods
 from fl_app.config import compose_config
 from strategies.secaggplus import MASKED_RECORD, SecAggPlus, unpack
 from strategies.secure_aggregation import (
@@ -21,7 +22,7 @@ from strategies.secure_aggregation import (
     check_secure_aggregation,
     secure_aggregation_mod,
 )
-from tests.secagg_sim import LocalGrid, fake_train, site_examples, site_update
+from tests.secagg_sim import fake_train, site_examples, site_grid, site_update
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
@@ -60,8 +61,8 @@ def test_secure_aggregate_equals_plain_aggregate_over_rounds(strategy: str) -> N
     secure = strategies.build(cfg, sites)
     plain = strategies.build(compose_config(f"strategy={strategy}"), sites)
     assert isinstance(secure, SecAggPlus)
-    grid = LocalGrid(sites, fake_train, [secure_aggregation_mod])
-    plain_grid = LocalGrid(sites, fake_train, [secure_aggregation_mod])
+    grid = site_grid(sites, [secure_aggregation_mod])
+    plain_grid = site_grid(sites, [secure_aggregation_mod])
     arrays = _model()
     # FedAdam's step divides by sqrt(v) + tau: a change e in the average moves it by at most
     # eta * (1 - beta_1) * e / tau (+ the same through v), i.e. ~2x here
@@ -81,7 +82,7 @@ def test_weighted_average_matches_the_sites_updates() -> None:
     """Directly: the aggregate is global + sum_i n_i * update_i / sum_i n_i."""
     cfg = compose_config("secagg=secaggplus")
     secure = strategies.build(cfg, 3)
-    grid = LocalGrid(3, fake_train, [secure_aggregation_mod])
+    grid = site_grid(3, [secure_aggregation_mod])
     arrays = _model()
     got, _ = _round(secure, grid, 1, arrays)
     n = np.array([site_examples(s) for s in (1, 2, 3)], np.float64)
@@ -93,7 +94,7 @@ def test_weighted_average_matches_the_sites_updates() -> None:
 def test_server_holds_only_masked_vectors_and_the_sum() -> None:
     cfg = compose_config("secagg=secaggplus")
     secure = strategies.build(cfg, 4)
-    grid = LocalGrid(4, fake_train, [secure_aggregation_mod])
+    grid = site_grid(4, [secure_aggregation_mod])
     arrays = _model()
     inner_seen: list[Message] = []
     original = secure.strategy.aggregate_train
@@ -127,13 +128,13 @@ def test_server_holds_only_masked_vectors_and_the_sum() -> None:
 def test_site_lost_after_share_stage_is_recovered() -> None:
     cfg = compose_config("secagg=secaggplus")
     secure = strategies.build(cfg, 5)
-    grid = LocalGrid(5, fake_train, [secure_aggregation_mod])
+    grid = site_grid(5, [secure_aggregation_mod])
     grid.kill(3, after_messages=2)  # answered setup and share-keys, never trains
     arrays = _model()
     got, _ = _round(secure, grid, 1, arrays)
     assert secure.aggregated_nodes == [1, 2, 4, 5]
     plain = strategies.build(compose_config(""), 4)
-    ref = LocalGrid(5, fake_train, [])
+    ref = site_grid(5, [])
     ref.kill(3, after_messages=0)
     want, _ = _round(plain, ref, 1, arrays)
     assert _max_diff(got, want) <= _bound(cfg) + 1e-6
@@ -142,12 +143,12 @@ def test_site_lost_after_share_stage_is_recovered() -> None:
 def test_site_lost_after_sending_its_masked_update_is_still_summed() -> None:
     cfg = compose_config("secagg=secaggplus")
     secure = strategies.build(cfg, 5)
-    grid = LocalGrid(5, fake_train, [secure_aggregation_mod])
+    grid = site_grid(5, [secure_aggregation_mod])
     grid.kill(2, after_messages=3)  # sends its masked update, gone at the unmask stage
     arrays = _model()
     got, _ = _round(secure, grid, 1, arrays)
     assert secure.aggregated_nodes == [1, 2, 3, 4, 5]
-    want, _ = _round(strategies.build(compose_config(""), 5), LocalGrid(5, fake_train, []), 1,
+    want, _ = _round(strategies.build(compose_config(""), 5), site_grid(5, []), 1,
                      arrays)
     assert _max_diff(got, want) <= _bound(cfg) + 1e-6
 
@@ -156,7 +157,7 @@ def test_site_lost_after_sending_its_masked_update_is_still_summed() -> None:
 def test_too_many_sites_lost_fails_loudly(policy: str) -> None:
     cfg = compose_config(f"secagg=secaggplus on_site_failure={policy}")
     secure = strategies.build(cfg, 5)  # threshold: 3 of 5
-    grid = LocalGrid(5, fake_train, [secure_aggregation_mod])
+    grid = site_grid(5, [secure_aggregation_mod])
     for node in (1, 2, 3):
         grid.kill(node, after_messages=2)
     if policy == "stop":
@@ -172,11 +173,11 @@ def test_secaggplus_ring_neighbourhood_with_shares_below_sites() -> None:
     """SecAgg+ proper: each hospital shares with 3 neighbours of 7; still the exact sum."""
     cfg = compose_config("secagg=secaggplus secagg.num_shares=3 secagg.reconstruction_threshold=2")
     secure = strategies.build(cfg, 7)
-    grid = LocalGrid(7, fake_train, [secure_aggregation_mod])
+    grid = site_grid(7, [secure_aggregation_mod])
     grid.kill(5, after_messages=2)
     arrays = _model()
     got, _ = _round(secure, grid, 1, arrays)
-    ref = LocalGrid(7, fake_train, [])
+    ref = site_grid(7, [])
     ref.kill(5, after_messages=0)
     want, _ = _round(strategies.build(compose_config(""), 6), ref, 1, arrays)
     assert _max_diff(got, want) <= _bound(cfg) + 1e-6
@@ -235,6 +236,64 @@ def test_a_site_protecting_another_weight_than_it_reports_is_caught() -> None:
         return reply
 
     secure = strategies.build(compose_config("secagg=secaggplus on_site_failure=stop"), 3)
-    grid = LocalGrid(3, fake_train, [understate, secure_aggregation_mod])
+    grid = site_grid(3, [understate, secure_aggregation_mod])
     with pytest.raises(SecureAggregationFailure, match="summed weight"):
         _round(secure, grid, 1, _model())
+
+
+def test_a_privacy_budget_refusal_is_left_out_of_the_sum() -> None:
+    """A site that may not train (budget spent) returns the global model: it is a dropout,
+    not a zero update diluting the others' average."""
+    from strategies.budget import STATUS_EXHAUSTED, spend_record
+
+    def refuse_at_site_2(msg, context):
+        reply = fake_train(msg, context)
+        if context.node_id == 2:
+            reply.content["arrays"] = msg.content["arrays"]
+            reply.content["privacy"] = spend_record({"status": STATUS_EXHAUSTED})
+        return reply
+
+    cfg = compose_config("secagg=secaggplus")
+    secure = strategies.build(cfg, 4)
+    grid = LocalGrid(4, with_mods([secure_aggregation_mod], refuse_at_site_2))
+    arrays = _model()
+    inner: list[Message] = []
+    original = secure.strategy.aggregate_train
+
+    def drop_refusal(server_round, replies):  # what the privacy guard does with it
+        inner.extend(replies)
+        return original(server_round, [r for r in replies if r.metadata.src_node_id != 2])
+
+    secure.strategy.aggregate_train = drop_refusal
+    got, _ = _round(secure, grid, 1, arrays)
+    assert secure.aggregated_nodes == [1, 3, 4]
+    assert "arrays" not in next(r for r in inner if r.metadata.src_node_id == 2).content
+    ref = site_grid(4, [])
+    ref.kill(2, after_messages=0)
+    want, _ = _round(strategies.build(compose_config(""), 3), ref, 1, arrays)
+    assert _max_diff(got, want) <= _bound(cfg) + 1e-6
+
+
+def test_fedbn_site_local_layers_are_not_in_the_sum() -> None:
+    """With fedbn=true the sites keep their normalisation layers (fedbn_mod takes them out of
+    the reply, inside the secure-aggregation mod): the masked vector has only the shared keys,
+    and the aggregate keeps the global normalisation entries."""
+
+    def keep_bias_local(msg, context, call_next):  # what fedbn_mod does to the reply
+        reply = call_next(msg, context)
+        arrays = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord({k: arrays[k] for k in arrays if k != "layer.bias"})
+        return reply
+
+    cfg = compose_config("secagg=secaggplus fedbn=true")
+    secure = strategies.build(cfg, 3)
+    grid = site_grid(3, [secure_aggregation_mod, keep_bias_local])
+    arrays = _model()
+    got, _ = _round(secure, grid, 1, arrays)
+    assert list(got.keys()) == list(arrays.keys())
+    assert np.array_equal(got["layer.bias"].numpy(), arrays["layer.bias"].numpy())
+    masked = [r for r in grid.seen_by_server if MASKED_RECORD in r.content.array_records]
+    assert all(list(r.content["secagg"]["keys"]) == ["layer.weight"] for r in masked)
+    want, _ = _round(strategies.build(compose_config("fedbn=true"), 3),
+                     site_grid(3, [keep_bias_local]), 1, arrays)
+    assert _max_diff(got, want) <= _bound(cfg) + 1e-6
