@@ -91,7 +91,7 @@ def test_values_are_typed_by_the_schema() -> None:
 
 
 @pytest.mark.parametrize(
-    "group", ["task", "strategy", "privacy", "partition"],
+    "group", ["task", "strategy", "privacy", "secagg", "partition"],
 )
 def test_every_group_option_is_typed_by_a_schema(group: str) -> None:
     import dataclasses

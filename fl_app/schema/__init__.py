@@ -17,13 +17,14 @@ from types import ModuleType
 
 from hydra.core.config_store import ConfigStore
 
-from fl_app.schema import partition, privacy, strategy, task, top
+from fl_app.schema import partition, privacy, secagg, strategy, task, top
 
 # One module per config group: its SCHEMAS maps "<option>_schema" -> dataclass.
 GROUPS: dict[str, ModuleType] = {
     "task": task,
     "strategy": strategy,
     "privacy": privacy,
+    "secagg": secagg,
     "partition": partition,
 }
 

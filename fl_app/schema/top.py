@@ -15,6 +15,7 @@ class Config:
     task: Any = MISSING
     strategy: Any = MISSING
     privacy: Any = MISSING
+    secagg: Any = MISSING
     partition: Any = MISSING
     num_rounds: int = MISSING
     seed: int = MISSING
