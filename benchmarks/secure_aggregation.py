@@ -34,7 +34,14 @@ from fl_app.config import compose_config
 from fl_app.experiment import run_experiment
 from strategies.secure_aggregation import SecureAggregationConfigError, option
 
-OPTIONS = ("none", "secaggplus", "ckks")
+# (row label, secagg option, extra overrides); SecAgg+ proper (each hospital shares its keys
+# with 5 of the 10, itself included) only where there are more hospitals than that
+OPTIONS = (
+    ("none", "none", ""),
+    ("secaggplus", "secaggplus", ""),
+    ("secaggplus, num_shares=5", "secaggplus", "secagg.num_shares=5"),
+    ("ckks", "ckks", ""),
+)
 FULL = {"hospitals": (5, 10), "rounds": 3, "model": "task.model=mlp task.hidden_size=30303"}
 TINY = {"hospitals": (3,), "rounds": 2, "model": "task.model=logreg"}
 
@@ -52,13 +59,14 @@ def built(name: str) -> bool:
     return True
 
 
-def measure(name: str, hospitals: int, rounds: int, model: str, out: Path) -> dict[str, Any]:
+def measure(label: str, name: str, extra: str, hospitals: int, rounds: int, model: str,
+            out: Path) -> dict[str, Any]:
     """Run one configuration; return its per-round numbers."""
-    row: dict[str, Any] = {"option": name, "hospitals": hospitals}
+    row: dict[str, Any] = {"option": label, "hospitals": hospitals}
     if not built(name):
         return {**row, "status": "not built yet"}
     cfg = compose_config(
-        f"secagg={name} partition.num_sites={hospitals} num_rounds={rounds} {model} "
+        f"secagg={name} {extra} partition.num_sites={hospitals} num_rounds={rounds} {model} "
         f"task.local_epochs=1 min_sites={hospitals} output_dir={out / 'runs'}"
     )
     set_server_identity()
@@ -118,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup = TINY if args.tiny else FULL
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(name, n, int(setup["rounds"]), str(setup["model"]), args.out)
-            for n in setup["hospitals"] for name in OPTIONS]
+    rows = [measure(label, name, extra, n, int(setup["rounds"]), str(setup["model"]), args.out)
+            for n in setup["hospitals"] for label, name, extra in OPTIONS
+            if "num_shares=5" not in extra or n > 5]
     result = {"setup": {k: list(v) if isinstance(v, tuple) else v for k, v in setup.items()},
               "results": rows}
     (args.out / "secure_aggregation.json").write_text(json.dumps(result, indent=2))
