@@ -128,7 +128,31 @@ def compose_config(overrides: str | list[str] | None = None) -> DictConfig:
     items = parse_overrides(overrides)
     cfg = resolve(_compose(items))
     _reject_added_keys(cfg, items)
-    return cfg
+    return resumed_config(cfg, items) if cfg.resume else cfg
+
+
+def resumed_config(cfg: DictConfig, items: list[str]) -> DictConfig:
+    """``resume=<run folder>``: that run's own config.yaml (what it ran with), re-checked by
+    the schema, with ``resume`` set. Other overrides would silently change a half-done run,
+    so they are refused (``output_dir`` aside: the folder is given)."""
+    others = [i for i in items if i.split("=", 1)[0].lstrip("+") not in ("resume", "output_dir")]
+    if others:
+        raise ConfigError(f"resume=<run folder> continues that run with its own config.yaml; "
+                          f"drop the other overrides: {' '.join(others)}")
+    folder = Path(cfg.resume).expanduser().resolve()
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume={cfg.resume}: {saved} does not exist (give a run folder)")
+    values = OmegaConf.load(saved)
+    # the schemas of the options that run used (an option's `name` is its yaml file's name)
+    base = resolve(_compose([f"{g}={values[g].name}" for g in GROUPS if g in values]))
+    try:
+        resumed = OmegaConf.merge(base, values, {"resume": str(folder)})
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"resume={cfg.resume}: {saved} does not fit the schema: "
+                          f"{_reason(err)}") from None
+    assert isinstance(resumed, DictConfig)
+    return resumed
 
 
 def _reject_added_keys(cfg: DictConfig, items: list[str]) -> None:

@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import Callable
 from logging import ERROR, INFO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,13 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 import strategies
+from fl_app.checkpoint import (
+    RoundOffset,
+    commit_round,
+    resume_point,
+    save_round_model,
+    set_rng_state,
+)
 from fl_app.config import to_json
 from fl_app.federation_guard import FederationGuard, SiteFailure
 from fl_app.metrics import (
@@ -25,7 +33,7 @@ from fl_app.metrics import (
     public_site_metrics,
     site_name,
 )
-from fl_app.privacy_ledger import PrivacyLedger
+from fl_app.privacy_ledger import LEDGER_FILE, PrivacyLedger
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.run_log import brief_config_records
@@ -82,7 +90,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     else:
         nodes = wait_for_nodes(grid, expected, cfg.wait_for_nodes_s)
     facts = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
-    run = RunFolder.create(cfg)
+    run = RunFolder.open(Path(cfg.resume)) if cfg.get("resume") else RunFolder.create(cfg)
     created(run)
     log(
         INFO,
@@ -141,6 +149,10 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     record = ConfigRecord({CONFIG_KEY: to_json(cfg), STATS_KEY: json.dumps(stats) if stats else ""})
     site_names = list(node_sites.values())
     history: list[dict[str, Any]] = []
+    resumed = (resume_point(run, strategy, "metrics.jsonl", [LEDGER_FILE])
+               if cfg.get("resume") else None)
+    if resumed is not None:
+        latest["arrays"], history[:] = resumed.arrays, resumed.history
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -158,7 +170,10 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
             line["failures"]["secure_aggregation"] = secagg_failure
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
-        run.save_model("checkpoints/latest.pt", arrays.to_torch_state_dict())
+        state_dict = arrays.to_torch_state_dict()
+        run.save_model("checkpoints/latest.pt", state_dict)
+        model_sha = save_round_model(run, server_round, state_dict)
+        commit_round(run, server_round, model_sha, strategy)  # resume starts after this round
         _log_round(line, cfg.num_rounds)
         collector.reset()
         if not line["train"] and not secagg_failure:  # SiteFailure: caught below
@@ -168,18 +183,22 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
             )
         return None
 
+    done = resumed.done if resumed is not None else 0
+    runner = RoundOffset(strategy, done) if done else strategy  # rounds keep their numbers
+    if resumed is not None:
+        set_rng_state(resumed.rng)  # as it was right after round `done`
     try:
         with brief_config_records():
-            result = strategy.start(
+            result = runner.start(
                 grid=guard,
                 initial_arrays=latest["arrays"],
-                num_rounds=cfg.num_rounds,
+                num_rounds=cfg.num_rounds - done,
                 timeout=cfg.round_timeout_s,
                 train_config=ConfigRecord(dict(record)),
                 evaluate_config=ConfigRecord(dict(record)),
-                evaluate_fn=end_of_round,
-            )
-        final = result.arrays
+                evaluate_fn=runner.offset_fn(end_of_round) if done else end_of_round,
+            ) if cfg.num_rounds > done else None
+        final = result.arrays if result is not None else latest["arrays"]
     except PrivacyStop as stop:  # too few sites with privacy budget left: a clean, early end
         log(INFO, "fedclinic: stopping after %d round(s): %s", len(history), stop)
         final = latest["arrays"]

@@ -75,6 +75,23 @@ class RunFolder:
         folder.write_text("config.yaml", OmegaConf.to_yaml(cfg))
         return folder
 
+    @classmethod
+    def open(cls, path: Path) -> RunFolder:
+        """An existing run folder (``resume=<folder>``): later writes go on where it stopped."""
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
+        return cls(path)
+
+    def keep_rounds(self, name: str, last_round: int) -> list[dict[str, Any]]:
+        """Drop the lines of a per-round JSON-lines file after ``last_round`` (a resumed run
+        redoes them); return the records kept."""
+        records = [json.loads(line) for line in self._existing_lines(name) if line.strip()]
+        kept = [r for r in records if int(r.get("round", 0)) <= last_round]
+        self._jsonl[name] = [json.dumps(r, sort_keys=True) for r in kept]
+        if len(kept) != len(records):
+            self.write_text(name, "".join(line + "\n" for line in self._jsonl[name]))
+        return kept
+
     def write_text(self, name: str, text: str) -> Path:
         """Atomically write a text file inside the run folder."""
         target = self.path / name
@@ -96,8 +113,8 @@ class RunFolder:
         target = self.path / name
         return target.read_text().splitlines() if target.exists() else []
 
-    def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
-        """Atomically save a torch state_dict."""
+    def save_model(self, name: str, state_dict: dict[str, Any]) -> Path:
+        """Atomically save a torch state_dict (or any dict of tensors, numbers and strings)."""
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         target = self.path / name

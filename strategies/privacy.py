@@ -20,6 +20,7 @@ accountant. With every site in every round (the default) q = 1: no amplification
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -154,6 +155,25 @@ class PrivacyGuard(StrategyWrapper):
             line["epsilon"] = 0.0
         line.update(fields)
         return line
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resumed run needs (fl_app/checkpoint.py): the accountants and the budgets."""
+        return {
+            "excluded": dict(self.excluded), "rounds_trained": dict(self.rounds_trained),
+            "last_spend": json.dumps(self.last_spend),
+            "central_state": self.central_state.to_json(),
+            "site_states": {s: st.to_json() for s, st in self.site_states.items()},
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``checkpoint_state``: epsilon keeps composing after a restart."""
+        self.excluded = dict(state["excluded"])
+        self.rounds_trained = dict(state["rounds_trained"])
+        self.last_spend = json.loads(state["last_spend"])
+        self.central_state = AccountantState.from_json(state["central_state"])
+        self.site_states = {s: AccountantState.from_json(j)
+                            for s, j in state["site_states"].items()}
+        self.sites = sorted(set(self.sites) | set(self.site_states))
 
     def pop_ledger(self) -> list[dict[str, Any]]:
         """Ledger lines gathered since the last call (one per site per round)."""

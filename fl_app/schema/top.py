@@ -26,3 +26,4 @@ class Config:
     on_site_failure: str = MISSING
     wait_for_nodes_s: float = MISSING
     round_timeout_s: float = MISSING
+    resume: str | None = MISSING
