@@ -41,6 +41,14 @@ stop_superlink() {
 trap stop_superlink EXIT
 
 echo "fedclinic: flwr run . with $sites SuperNodes (FLWR_HOME=$FLWR_HOME, SuperLink port $port)"
-"$VENV/bin/flwr" run . --stream \
+"$VENV/bin/flwr" run . local --stream \
   --federation-config "num-supernodes=$sites client-resources-num-cpus=${FEDCLINIC_CPUS_PER_SITE:-1}" \
   --run-config "overrides=\"$overrides\""
+# `flwr run` exits 0 even when the run failed: ask the SuperLink how the run ended (its status
+# and the reason), and exit non-zero, with that line last, unless it completed.
+if status=$("$PY" scripts/deploy/run_status.py local 2>&1 | tr -s " \n" "  "); then
+  echo "fedclinic: $status"
+else
+  echo "fedclinic: run failed: $status" >&2
+  exit 1
+fi
