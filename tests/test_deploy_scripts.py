@@ -51,8 +51,10 @@ def test_server_certificate_is_signed_by_the_ca_and_names_host_and_ip(certs: Pat
     server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)  # raises if not
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    # plus loopback: the proxy and the centre's own tools reach the SuperLink on 127.0.0.1
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3"),
+                                                       ipaddress.ip_address("127.0.0.1")]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)

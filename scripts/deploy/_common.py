@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -10,13 +11,18 @@ from pathlib import Path
 # Every process started by these scripts inherits this: the SuperLink would otherwise run
 # `uv sync` before each run and download the app's dependencies (torch with CUDA, ...).
 NO_RUNTIME_INSTALL_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+# No quiet egress: Flower otherwise reports usage events to Flower's telemetry server and
+# checks PyPI for updates from every SuperLink, SuperNode, SuperExec and CLI call.
+NO_EGRESS_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SECRET_BYTES = 32
 
 
 def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: this Python's bin folder first on PATH, because the
     SuperLink and SuperNode start ``flower-superexec``, ``flwr-serverapp`` and
-    ``flwr-clientapp`` by name; runtime dependency installation off."""
-    env = {**os.environ, **NO_RUNTIME_INSTALL_ENV, **(extra or {})}
+    ``flwr-clientapp`` by name; runtime dependency installation, telemetry and the update
+    check off (these win over the caller's environment)."""
+    env = {**os.environ, **(extra or {}), **NO_RUNTIME_INSTALL_ENV, **NO_EGRESS_ENV}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
@@ -64,6 +70,26 @@ def write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.chmod(path, 0o600)  # also when the file existed with wider permissions
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it owner-only (0700); return it resolved."""
+    path = path.expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path.resolve()
+
+
+def ensure_secret(path: Path) -> Path:
+    """The SuperExec shared secret at ``path``: created once (random, 0600), reused after;
+    an existing file is narrowed to 0600. DeployError if it exists but is empty."""
+    path = path.expanduser()
+    if not path.exists():
+        write_private(path, secrets.token_hex(SECRET_BYTES).encode())
+    elif path.stat().st_size == 0:
+        raise DeployError(f"{path} is empty; delete it and a new secret is generated")
+    os.chmod(path, 0o600)
+    return path.resolve()
 
 
 def write_public(path: Path, data: bytes) -> None:

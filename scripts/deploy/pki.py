@@ -9,7 +9,8 @@
 ``ca`` writes ``ca.crt`` (give it to every hospital) and ``ca.key`` (keep it offline at the
 coordinating centre). ``server`` writes ``server.pem`` and ``server.key`` for the SuperLink,
 with subjectAltNames for every ``--host`` and ``--ip`` (a SuperNode checks the name or IP it
-dials against them). ``check`` verifies that the server certificate is signed by the CA,
+dials against them) plus ``localhost``/``127.0.0.1`` (the proxy and the centre's own tools
+reach the SuperLink on loopback). ``check`` verifies that the server certificate is signed by the CA,
 matches its key, covers the given names and has not expired.
 
 All keys are EC P-384; certificates are built with the ``cryptography`` package (no
@@ -43,6 +44,7 @@ from _common import (
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 CURVE = ec.SECP384R1()
+LOOPBACK_HOSTS, LOOPBACK_IPS = ("localhost",), ("127.0.0.1",)
 
 
 def _now() -> dt.datetime:
@@ -103,14 +105,19 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
 
 
 def _alt_names(hosts: list[str], ips: list[str]) -> list[x509.GeneralName]:
+    if not hosts and not ips:
+        raise DeployError("give at least one --host or --ip: the name SuperNodes dial")
+    # The SuperLink itself listens on loopback behind the proxy: the proxy, the SuperLink's
+    # SuperExec and researchers on the centre's host (or an SSH tunnel) dial 127.0.0.1, so the
+    # certificate always names it too (harmless: 127.0.0.1 is always the dialler's own host).
+    hosts = [*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)]
+    ips = [*ips, *(i for i in LOOPBACK_IPS if i not in ips)]
     names: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
     for ip in ips:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(ip)))
         except ValueError:
             raise DeployError(f"--ip '{ip}' is not an IP address (use --host for names)") from None
-    if not names:
-        raise DeployError("give at least one --host or --ip: the name SuperNodes dial")
     return names
 
 
