@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from fl_app.privacy_ledger import LEDGER_FILE, PrivacyLedger
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.run_log import brief_config_records
+from fl_app.site_identity import RefusedNode, check_identities, load_registry
 from fl_app.site_runtime import CONFIG_KEY, STATS_KEY
 from fl_app.sites import (
+    FederationError,
     expected_num_sites,
     global_statistics,
     model_info,
@@ -89,9 +91,14 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         cfg.partition.num_sites = len(nodes)
     else:
         nodes = wait_for_nodes(grid, expected, cfg.wait_for_nodes_s)
-    facts = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
+    claims = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
     run = RunFolder.open(Path(cfg.resume)) if cfg.get("resume") else RunFolder.create(cfg)
     created(run)
+    # after the folder exists: if too few sites are accepted, summary.json says who was refused
+    facts, refused = _accepted_sites(claims, cfg)
+    app = app_identity(grid)
+    log(INFO, "fedclinic: app %s %s, FAB sha256 %s", app["fab_id"], app["fab_version"],
+        app["fab_hash"] or "n/a")
     log(
         INFO,
         "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
@@ -99,7 +106,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         cfg.strategy.name,
         cfg.privacy.name,
         cfg.num_rounds,
-        len(nodes),
+        len(facts),
         run.path,
     )
     for f in facts:
@@ -208,7 +215,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     ledger.flush()
     if stopped is None and history and collector.threshold_logit is not None:
         _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
-    _finish(run, cfg, final, history, ledger, _outcome(guard, stopped))
+    outcome = {**_outcome(guard, stopped), "refused_nodes": [r.as_dict() for r in refused],
+               "app": app}
+    _finish(run, cfg, final, history, ledger, outcome)
     if stopped is not None:
         raise SiteFailure(f"{stopped}. The {len(history)} completed round(s) are in {run.path}")
     return run
@@ -240,6 +249,29 @@ def _at_threshold(grid: Grid, cfg: DictConfig, record: ConfigRecord, arrays: Arr
         "sensitivity %.4f specificity %.4f", pooled["threshold"], cfg.task.threshold,
         pooled["accuracy"], pooled.get("sensitivity", float("nan")),
         pooled.get("specificity", float("nan")))
+
+
+def _accepted_sites(facts: list[Any], cfg: DictConfig) -> tuple[list[Any], list[RefusedNode]]:
+    """The query round's sites whose claimed name stands (``site_registry``, see
+    fl_app.site_identity); refused nodes are logged. FederationError when too few remain."""
+    registry = load_registry(cfg.site_registry) if cfg.site_registry else None
+    accepted, refused = check_identities(facts, registry)
+    for r in refused:
+        log(WARNING, "fedclinic: refused node %d (claims site '%s'): %s", r.node_id,
+            r.claimed_site, r.reason)
+    needed = cfg.min_sites or 1
+    if len(accepted) < needed:
+        raise FederationError(
+            f"only {len(accepted)} site(s) accepted, min_sites={needed}; refused: "
+            + "; ".join(f"node {r.node_id} ({r.claimed_site}): {r.reason}" for r in refused))
+    return accepted, refused
+
+
+def app_identity(grid: Grid) -> dict[str, str]:
+    """The app version this run executes: Flower's FAB id, version and SHA-256 (the hash
+    ``submit.py`` prints), so a hospital can check which code ran."""
+    run = getattr(grid, "run", None)
+    return {key: str(getattr(run, key, "") or "") for key in ("fab_id", "fab_version", "fab_hash")}
 
 
 def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
 
 
 def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float) -> list[SiteFacts]:
-    """Ask every node for its site facts; raise FederationError naming any site that failed."""
+    """Ask every node for its site facts; raise FederationError naming any site that failed.
+    The names are as claimed; ``fl_app.site_identity.check_identities`` decides which stand."""
     record = RecordDict({"config": ConfigRecord({CONFIG_KEY: to_json(cfg)})})
     messages = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
@@ -105,11 +106,8 @@ def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float)
         lines = [f"{len(ids)} of {len(nodes)} SuperNodes (node {', '.join(map(str, ids))}): {why}"
                  for why, ids in problems.items()]
         raise FederationError("sites could not load their data:\n  " + "\n  ".join(lines))
-    names = [f.name for f in facts]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise FederationError(f"two SuperNodes claim the same site: {', '.join(duplicates)}")
-    return sorted(facts, key=lambda f: f.name)
+    # Site names are claims until fl_app.site_identity checks them (duplicates included).
+    return sorted(facts, key=lambda f: (f.name, f.node_id))
 
 
 def global_statistics(facts: list[SiteFacts]) -> dict[str, list[float]] | None:

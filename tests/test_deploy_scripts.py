@@ -296,3 +296,42 @@ def test_superexec_reaps_finished_clientapp_processes(tmp_path: Path) -> None:
     assert superexec.reap_once() == [procs[0].pid]
     assert superexec.exited_clientapps(os.getpid()) == []
     assert procs[1].wait(timeout=10) == 0  # not taken from its owner
+
+
+def test_front_door_config_is_valid_caddy_and_admits_only_the_fleet_api(
+        certs: Path, tmp_path: Path) -> None:
+    """superlink.py --dry-run writes the Caddyfile, the SuperExec secret and state.db, all
+    owner-only; the real Caddy binary accepts the Caddyfile."""
+    state = tmp_path / "state"
+    done = _run("superlink", "--certs", certs, "--state-dir", state, "--port", "19092",
+                "--link-port", "19091", "--dry-run", env={"FLWR_TELEMETRY_ENABLED": "1"})
+    assert done.returncode == 0, done.stderr
+    link, superexec, proxy = done.stdout.strip().splitlines()[-3:]
+    secret = state / "superexec.secret"
+    assert "--host 127.0.0.1 --port 19091" in link and "--enable-supernode-auth" in link
+    assert f"--superexec-auth-secret-file {secret}" in link and "--isolation process" in link
+    assert f"--superexec-auth-secret-file {secret}" in superexec
+    assert "--runtime-api-address 127.0.0.1:19091" in superexec
+    for path in (secret, state / "state.db", state / "Caddyfile"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert len(secret.read_bytes()) == 64
+    config = (state / "Caddyfile").read_text()
+    assert r"path_regexp fleet ^/v1/fleet/[a-z][a-z-]*$" in config
+    assert "reverse_proxy 127.0.0.1:19091" in config and "admin off" in config
+    caddy = proxy.split()[0]
+    checked = subprocess.run([caddy, "validate", "--adapter", "caddyfile", "--config",
+                              str(state / "Caddyfile")], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert checked.returncode == 0 and "Valid configuration" in checked.stdout + checked.stderr
+    again = _run("superlink", "--certs", certs, "--state-dir", state, "--dry-run")
+    assert again.returncode == 0 and len(secret.read_bytes()) == 64  # the secret is kept
+    clash = _run("superlink", "--certs", certs, "--state-dir", state, "--port", "9091",
+                 "--link-port", "9091", "--dry-run")
+    assert clash.returncode == 2 and "must differ" in clash.stderr
+
+
+def test_flower_processes_get_telemetry_and_update_check_off() -> None:
+    """Whatever the operator's environment says, the scripts switch Flower's egress off."""
+    env = _deploy_module("_common").flower_env({"FLWR_TELEMETRY_ENABLED": "1"})
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"

@@ -24,6 +24,7 @@ class Config:
     device: str = MISSING
     min_sites: int | None = MISSING
     on_site_failure: str = MISSING
+    site_registry: str | None = MISSING
     wait_for_nodes_s: float = MISSING
     round_timeout_s: float = MISSING
     resume: str | None = MISSING

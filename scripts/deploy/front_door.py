@@ -76,6 +76,8 @@ def caddyfile(
 		method POST
 		path_regexp fleet {FLEET_PATH_REGEXP}
 	}}
+	# access log: refused requests only (the SuperNodes' polling would flood it)
+	log_skip @fleet
 	handle @fleet {{
 		reverse_proxy 127.0.0.1:{link_port} {{
 			transport http {{

@@ -10,8 +10,8 @@
 coordinating centre). ``server`` writes ``server.pem`` and ``server.key`` for the SuperLink,
 with subjectAltNames for every ``--host`` and ``--ip`` (a SuperNode checks the name or IP it
 dials against them) plus ``localhost``/``127.0.0.1`` (the proxy and the centre's own tools
-reach the SuperLink on loopback). ``check`` verifies that the server certificate is signed by the CA,
-matches its key, covers the given names and has not expired.
+reach the SuperLink on loopback). ``check`` verifies that the server certificate is signed by
+the CA, matches its key, covers the given names and has not expired.
 
 All keys are EC P-384; certificates are built with the ``cryptography`` package (no
 hand-rolled crypto).

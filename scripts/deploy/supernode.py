@@ -13,8 +13,12 @@ naming the problem:
    host dialed (a mismatch is not retried: it will not fix itself).
 Then it runs ``flower-supernode --isolation process`` with the same bounded retries and,
 next to it, ``flower-superexec`` (through ``superexec.py``, which reaps finished
-``flwr-clientapp`` processes), prints their log, and when the SuperNode ends says in one
-line why and what to do. Exit statuses (docs/deployment.md, "SuperNode exit statuses"):
+``flwr-clientapp`` processes), both holding the SuperExec shared secret
+``<state-dir>/superexec.secret`` (generated, 0600), prints their log, and when the SuperNode
+ends says in one line why and what to do. ``--state-dir`` is the only folder it writes
+(FLWR_HOME, umask 077); telemetry and Flower's update check are off; ``--least-privilege``
+refuses to run as root or with write access to the data.
+Exit statuses (docs/deployment.md, "SuperNode exit statuses"):
 
 0  stopped on request (SIGTERM/SIGINT)           3  SuperLink unreachable at start
 1  any other failure (Flower's own exit)         4  certificate mismatch (not retried)
@@ -47,9 +51,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DeployError,
+    ensure_secret,
     fail,
     flower_env,
     flower_executable,
+    private_dir,
     require_file,
     split_address,
 )
@@ -60,6 +66,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 FORWARD_DELAY_S = 3.0
 GRACEFUL_STOP_S = 30.0  # time a SuperNode that is shutting down gets before a second signal
 SUPEREXEC = Path(__file__).resolve().parent / "superexec.py"
+SECRET_FILE = "superexec.secret"
 # SuperExec asks the SuperNode for a new message every second by default; each round of a
 # run waits for it once per message, so poll faster (it is a local HTTP call).
 SUPEREXEC_POLL_INTERVAL_S = "0.2"
@@ -103,6 +110,21 @@ class Unreachable(DeployError):
 
 class CertificateMismatch(DeployError):
     """The SuperLink answered with a certificate this CA does not vouch for."""
+
+
+def privilege_problems(data_path: Path, state_dir: Path) -> list[str]:
+    """Ways this SuperNode has more rights than it needs (docs/deployment.md, least privilege):
+    running as root, or being able to change the data it trains on."""
+    problems = []
+    if os.geteuid() == 0:
+        problems.append("runs as root: run it as a dedicated user (e.g. fedclinic-node) that "
+                        f"can read the data and write only {state_dir}")
+    data = data_path.expanduser()
+    writable = [p for p in [data, *(data.rglob("*") if data.is_dir() else [])][:1000]
+                if os.access(p, os.W_OK)]
+    if writable and os.geteuid() != 0:
+        problems.append(f"can write {writable[0]}: give this user read-only access to the data")
+    return problems
 
 
 def check_local_files(ca: Path, key: Path | None, data_path: Path) -> None:
@@ -164,8 +186,8 @@ def node_config(data_path: Path, site_name: str, device: str | None) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def supernode_command(args: argparse.Namespace) -> list[str]:
-    """The ``flower-supernode`` command line."""
+def supernode_command(args: argparse.Namespace, secret: Path) -> list[str]:
+    """The ``flower-supernode`` command line; ``secret`` authenticates its SuperExec."""
     command = [
         flower_executable("flower-supernode"),
         "--superlink", args.superlink,
@@ -178,19 +200,23 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         # the launcher starts the SuperExec itself (superexec_command), so that finished
         # flwr-clientapp processes are reaped
         "--isolation", "process",
+        "--superexec-auth-secret-file", str(secret),
     ]
     if args.key is not None:
         command += ["--auth-supernode-private-key", str(args.key.expanduser().resolve())]
     return command
 
 
-def superexec_command(args: argparse.Namespace) -> list[str]:
+def superexec_command(args: argparse.Namespace, secret: Path) -> list[str]:
     """Flower's ``flower-superexec`` for this SuperNode's local Runtime API, through
-    superexec.py (which reaps each finished flwr-clientapp); it ends with this launcher."""
+    superexec.py (which reaps each finished flwr-clientapp); it ends with this launcher. The
+    Runtime API is plain HTTP on loopback: the shared secret (HMAC-signed requests) keeps
+    other local processes from claiming this hospital's tasks."""
     host = "127.0.0.1" if args.runtime_host in ("0.0.0.0", "") else args.runtime_host
     return [
         sys.executable, str(SUPEREXEC), "--insecure",
         "--runtime-api-address", f"{host}:{args.runtime_port}",
+        "--superexec-auth-secret-file", str(secret),
         "--parent-pid", str(os.getpid()),
     ]
 
@@ -394,15 +420,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="local Runtime API port; distinct per SuperNode on one host")
     parser.add_argument("--skip-probe", action="store_true",
                         help="start flower-supernode without the TLS pre-check")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the SuperNode's only writable folder: Flower's app cache "
+                             "(FLWR_HOME) and the SuperExec secret (default "
+                             "~/.fedclinic/supernode-<site-name>)")
+    parser.add_argument("--least-privilege", action="store_true",
+                        help="refuse to start as root or with write access to the data "
+                             "(otherwise a warning)")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # everything the SuperNode writes: owner-only
     try:
         check_local_files(args.ca, args.key, args.data_path)
+        state_dir = (args.state_dir or
+                     Path.home() / ".fedclinic" / f"supernode-{args.site_name}").expanduser()
+        problems = privilege_problems(args.data_path, state_dir)
+        if problems and args.least_privilege:
+            raise DeployError("--least-privilege: this SuperNode " + "; ".join(problems))
+        for problem in problems:
+            print(f"warning: this SuperNode {problem}", file=sys.stderr, flush=True)
         if not args.skip_probe:
             probe_superlink(args.superlink, args.ca.expanduser(), args.max_retries,
                             args.max_wait_time)
             print(f"SuperLink {args.superlink} reachable; its certificate matches {args.ca}",
                   flush=True)
-        command = supernode_command(args)
+        state_dir = private_dir(state_dir)
+        secret = ensure_secret(state_dir / SECRET_FILE)
+        command = supernode_command(args, secret)
     except Unreachable as err:
         fail(str(err), EXIT_UNREACHABLE)
     except CertificateMismatch as err:
@@ -413,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = {**{p: h for p, _, h in HINTS}, REMOVED: REMOVED_HINT, LOST: LOST_HINT}
     hints = {p: h.format(pub=pub, ca=args.ca, key=args.key, superlink=args.superlink)
              for p, h in texts.items()}
-    raise SystemExit(run_supervised(command, hints, superexec_command(args)))
+    raise SystemExit(run_supervised(command, hints, superexec_command(args, secret),
+                                    {"FLWR_HOME": str(state_dir)}))
 
 
 if __name__ == "__main__":
