@@ -1,5 +1,12 @@
-"""A real Flower deployment on 127.0.0.1 for tests: SuperLink (TLS + SuperNode auth) and
-hospital SuperNodes, set up only through ``scripts/deploy``, and torn down by PID.
+"""A real Flower deployment for tests: the coordinating centre (SuperLink on loopback behind
+the Caddy front door, TLS + SuperNode auth) and hospital SuperNodes, set up only through
+``scripts/deploy``, and torn down by PID.
+
+Where Linux network namespaces can be made (root, ``ip``), every machine is its own namespace
+(``Hosts``): the centre, each hospital, an outsider, joined by veth pairs on a bridge inside the
+centre's namespace, with private addresses that exist only inside these namespaces; so
+"reachable" means what it means between hosts. Elsewhere everything runs on 127.0.0.1
+(``Federation(hosts=None)``).
 
 Every process started here (and everything it starts: flower-superexec, flwr-serverapp,
 flwr-clientapp) carries the environment variable ``FEDCLINIC_DEPLOY_TAG=<uuid>``, so that
@@ -15,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -28,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "scripts" / "deploy"
 PYTHON = sys.executable
 TAG_VAR = "FEDCLINIC_DEPLOY_TAG"
-CONNECTION = "fedclinic"
+CONNECTION = "fedclinic"  # the centre's own route: the SuperLink's loopback Control API
+PUBLIC_CONNECTION = "fedclinic-public"  # the public port (the front door): Fleet API only
+CENTRE, OUTSIDER = "centre", "outsider"  # host names (namespaces) besides the hospitals
+SUBNET = "10.231.0"  # exists only inside the namespaces Hosts creates
 
 # site name -> the hospital's UCI file in shared/data/heart_disease
 HEART_FILES = {
@@ -178,21 +187,124 @@ class ProcessRunner:
             proc.wait(timeout=10)
 
 
+def _ip(*args: str) -> None:
+    """Run ``ip args``; RuntimeError with its message if it fails."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+class Hosts:
+    """Machines as network namespaces: the centre holds a bridge (``SUBNET``.1/24); every
+    other host gets a veth pair into it and its own address. Names carry the creating
+    process's PID so parallel runs do not collide; ``remove`` deletes them all."""
+
+    def __init__(self) -> None:
+        self.prefix = f"fc{os.getpid()}"
+        self.namespaces: dict[str, str] = {}
+        self.addresses: dict[str, str] = {}
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """Why namespaces cannot be made here (None if they can)."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        probe = f"fc{os.getpid()}-probe"
+        try:
+            _ip("netns", "add", probe)
+        except (RuntimeError, OSError) as err:
+            return f"cannot create a network namespace: {err}"
+        _ip("netns", "del", probe)
+        return None
+
+    def add(self, host: str) -> str:
+        """Create ``host``'s namespace (the centre first), linked to the bridge; its address."""
+        if host in self.namespaces:
+            return self.addresses[host]
+        name = f"{self.prefix}-{host}"[:64]
+        _ip("netns", "add", name)
+        self.namespaces[host] = name
+        _ip("-n", name, "link", "set", "lo", "up")
+        if not self.addresses:  # the centre: the bridge and the public address
+            _ip("-n", name, "link", "add", "br0", "type", "bridge")
+            _ip("-n", name, "addr", "add", f"{SUBNET}.1/24", "dev", "br0")
+            _ip("-n", name, "link", "set", "br0", "up")
+            self.addresses[host] = f"{SUBNET}.1"
+            return self.addresses[host]
+        centre = next(iter(self.namespaces.values()))
+        index = len(self.addresses)
+        port = f"v{index}"
+        _ip("-n", centre, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            "netns", name)
+        _ip("-n", centre, "link", "set", port, "master", "br0", "up")
+        self.addresses[host] = f"{SUBNET}.{10 + index}"
+        _ip("-n", name, "addr", "add", f"{self.addresses[host]}/24", "dev", "eth0")
+        _ip("-n", name, "link", "set", "eth0", "up")
+        return self.addresses[host]
+
+    def prefix_for(self, host: str) -> list[str]:
+        """Command prefix that runs a program on ``host`` (``ip netns exec`` keeps the PID)."""
+        self.add(host)
+        return ["ip", "netns", "exec", self.namespaces[host]]
+
+    def listening(self) -> dict[str, list[str]]:
+        """Host -> its listening TCP/UDP sockets (``ss``), for hosts that have any."""
+        found = {}
+        for host, name in self.namespaces.items():
+            done = subprocess.run(["ip", "netns", "exec", name, "ss", "-Htulnp"],
+                                  capture_output=True, text=True, timeout=30, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.strip()]
+            if lines:
+                found[host] = lines
+        return found
+
+    def remove(self) -> None:
+        """Delete every namespace made here (their links and addresses go with them)."""
+        for name in reversed(list(self.namespaces.values())):
+            with contextlib.suppress(RuntimeError):
+                _ip("netns", "del", name)
+        self.namespaces.clear()
+        self.addresses.clear()
+
+
 @dataclass
 class Federation:
-    """One consortium on localhost, set up with scripts/deploy."""
+    """One consortium, set up with scripts/deploy: on separate hosts (network namespaces,
+    ``hosts``) or all on 127.0.0.1 (``hosts=None``)."""
 
     root: Path
     data_dir: Path
     runner: ProcessRunner
     ports: set[int] = field(default_factory=set)
-    link_port: int = 0
+    link_port: int = 0  # the SuperLink, on the centre's loopback (Control API: centre only)
+    public_port: int = 0  # the front door (Caddy), Fleet API only
     node_ids: dict[str, int] = field(default_factory=dict)
+    hosts: Hosts | None = None
+
+    @property
+    def public_host(self) -> str:
+        """The centre's address as hospitals see it."""
+        return self.hosts.add(CENTRE) if self.hosts is not None else "127.0.0.1"
 
     @property
     def address(self) -> str:
-        """The SuperLink's host:port."""
+        """The public host:port hospitals dial (the proxy)."""
+        return f"{self.public_host}:{self.public_port}"
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink itself, reachable only on the centre's own loopback."""
         return f"127.0.0.1:{self.link_port}"
+
+    @property
+    def state_dir(self) -> Path:
+        """The SuperLink's state folder (state.db, secret, Caddyfile, PID file)."""
+        return self.root / "superlink-state"
+
+    def on(self, host: str, command: list[str]) -> list[str]:
+        """``command`` as run on machine ``host`` (unchanged on loopback)."""
+        return (self.hosts.prefix_for(host) if self.hosts is not None else []) + command
 
     @property
     def certs(self) -> Path:
@@ -216,63 +328,79 @@ class Federation:
 
     @property
     def registry(self) -> Path:
-        """The site registry of node_keys.py: its default, registry.json in FLWR_HOME."""
-        return self.user_home / "registry.json"
+        """The site registry: node_keys.py's registry (``FEDCLINIC_REGISTRY`` points every
+        script here), kept in the SuperLink's working directory so that the runs'
+        ``site_registry=registry.json`` finds it."""
+        return self.workdir / "registry.json"
 
-    def run_script(self, name: str, *args: str | Path, timeout: float = 90
-                   ) -> subprocess.CompletedProcess[str]:
-        """Run ``scripts/deploy/<name>.py args`` as the coordinating centre (FLWR_HOME)."""
-        command = [PYTHON, str(DEPLOY / f"{name}.py"), *map(str, args)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env={**self.runner.env, "FLWR_HOME": str(self.user_home)},
-                              check=False)
+    def run(self, command: list[str], host: str = CENTRE, timeout: float = 90,
+            ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` on ``host`` as the researcher (their FLWR_HOME); wait for it."""
+        return subprocess.run(self.on(host, command), capture_output=True, text=True,
+                              timeout=timeout, check=False, env=self.user_env)
 
-    def script(self, name: str, *args: str | Path, timeout: float = 90) -> str:
-        """Run ``scripts/deploy/<name>.py args``; return its output; AssertionError if it fails."""
-        done = self.run_script(name, *args, timeout=timeout)
+    @property
+    def user_env(self) -> dict[str, str]:
+        """Environment of the centre's and the researcher's commands."""
+        return {**self.runner.env, "FLWR_HOME": str(self.user_home),
+                "FEDCLINIC_REGISTRY": str(self.registry)}
+
+    def run_script(self, name: str, *args: str | Path, timeout: float = 90,
+                   host: str = CENTRE) -> subprocess.CompletedProcess[str]:
+        """Run ``scripts/deploy/<name>.py args`` on ``host`` (default: the centre)."""
+        return self.run([PYTHON, str(DEPLOY / f"{name}.py"), *map(str, args)], host, timeout)
+
+    def script(self, name: str, *args: str | Path, timeout: float = 90,
+               host: str = CENTRE) -> str:
+        """``run_script``'s output; AssertionError if it fails."""
+        done = self.run_script(name, *args, timeout=timeout, host=host)
         assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout}{done.stderr}"
         return done.stdout
 
     def make_pki(self, sites: list[str], unregistered: list[str]) -> None:
-        """CA, SuperLink certificate for 127.0.0.1/localhost, one key pair per site."""
+        """CA, SuperLink certificate for the centre's public address (pki.py adds loopback),
+        one key pair per site."""
         self.script("pki", "ca", "--out", self.certs)
         self.script("pki", "server", "--ca-dir", self.certs, "--out", self.certs,
-                    "--host", "localhost", "--ip", "127.0.0.1")
+                    "--host", "localhost", "--ip", self.public_host)
         for site in [*sites, *unregistered]:
             self.script("node_keys", "create", "--out", self.keys, "--site", site)
 
-    def start_superlink(self, timeout: float = 60) -> None:
-        """Start the SuperLink through scripts/deploy/superlink.py; wait until TLS answers."""
-        self.link_port = free_port(self.ports)
-        self.runner.start("superlink", [
+    def start_superlink(self, timeout: float = 90) -> None:
+        """Start the centre through scripts/deploy/superlink.py (proxy + SuperLink + SuperExec)
+        on its host; wait until it reports both listening; write two connection entries:
+        ``CONNECTION`` (the centre's loopback) and ``PUBLIC_CONNECTION`` (the front door)."""
+        self.link_port, self.public_port = free_port(self.ports), free_port(self.ports)
+        self.runner.start("superlink", self.on(CENTRE, [
             PYTHON, str(DEPLOY / "superlink.py"), "--certs", str(self.certs),
-            "--state-dir", str(self.root / "superlink-state"), "--workdir", str(self.workdir),
-            "--host", "127.0.0.1", "--port", str(self.link_port),
-        ], env={"FLWR_HOME": str(self.root / "flwr-home-superlink")})
-        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+            "--state-dir", str(self.state_dir), "--workdir", str(self.workdir),
+            "--host", self.public_host, "--port", str(self.public_port),
+            "--link-port", str(self.link_port),
+        ]), env={"FLWR_HOME": str(self.root / "flwr-home-superlink")})
 
-        def tls_up() -> bool:
-            proc = self.runner.procs["superlink"]
-            if proc.poll() is not None:
-                raise RuntimeError(f"SuperLink exited:\n{self.runner.log('superlink')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.link_port), timeout=2) as raw, \
-                        context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                    return True
-            except OSError:
-                return False
+        def up() -> bool:
+            if self.runner.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"superlink.py exited:\n{self.runner.log('superlink')}")
+            return "fedclinic: front door" in self.runner.log("superlink")
 
-        wait_for("SuperLink TLS endpoint", tls_up, timeout)
-        self.script("connection", "--name", CONNECTION, "--address", self.address,
+        wait_for("the centre (proxy + SuperLink)", up, timeout)
+        self.script("connection", "--name", CONNECTION, "--address", self.control_address,
+                    "--ca", self.certs / "ca.crt")
+        self.script("connection", "--name", PUBLIC_CONNECTION, "--address", self.address,
                     "--ca", self.certs / "ca.crt")
 
+    def stop_superlink(self) -> str:
+        """``superlink.py --stop`` on the centre: proxy, SuperLink and SuperExec end together."""
+        return self.script("superlink", "--stop", "--state-dir", self.state_dir)
+
     def register(self, sites: list[str]) -> None:
-        """Register the sites' public keys (in parallel: each `flwr` call imports Flower)."""
+        """Register the sites' public keys from the centre (in parallel: each `flwr` call
+        imports Flower; node_keys.py locks the registry)."""
         procs = {
             site: subprocess.Popen(
-                [PYTHON, str(DEPLOY / "node_keys.py"), "register", str(self.keys / f"{site}.pub"),
-                 "--connection", CONNECTION, "--flwr-home", str(self.user_home)],  # registry too
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.runner.env,
+                self.on(CENTRE, [PYTHON, str(DEPLOY / "node_keys.py"), "register",
+                                 str(self.keys / f"{site}.pub"), "--connection", CONNECTION]),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.user_env,
             )
             for site in sites
         }
@@ -284,9 +412,10 @@ class Federation:
 
     def start_supernode(
         self, name: str, site: str, *, key: Path | None = None, ca: Path | None = None,
-        data_path: Path | None = None, extra: list[str] | None = None,
+        data_path: Path | None = None, extra: list[str] | None = None, host: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A hospital's SuperNode through scripts/deploy/supernode.py (bounded retries)."""
+        """A hospital's SuperNode through scripts/deploy/supernode.py (bounded retries), on
+        the hospital's machine ``host`` (default: one per site), dialling the front door."""
         command = [
             PYTHON, str(DEPLOY / "supernode.py"), "--superlink", self.address,
             "--ca", str(ca or self.certs / "ca.crt"),
@@ -294,9 +423,10 @@ class Federation:
             "--data-path", str(data_path or self.data_dir / HEART_FILES[site]),
             "--site-name", site, "--device", "cpu",
             "--runtime-port", str(free_port(self.ports)),
+            "--state-dir", str(self.root / f"supernode-state-{name}"),
             "--max-retries", "3", "--max-wait-time", "15", *(extra or []),
         ]
-        return self.runner.start(name, command,
+        return self.runner.start(name, self.on(host or site, command),
                                  env={"FLWR_HOME": str(self.root / f"flwr-home-{name}")})
 
     def wait_connected(self, names: list[str], timeout: float = 90) -> None:
@@ -309,12 +439,31 @@ class Federation:
 
         wait_for(f"SuperNodes {', '.join(names)} connected", connected, timeout)
 
-    def submit(self, name: str, overrides: str, app: Path = REPO) -> subprocess.Popen[bytes]:
-        """``flwr run`` (via scripts/deploy/submit.py --stream) in the background."""
-        return self.runner.start(name, [
-            PYTHON, str(DEPLOY / "submit.py"), "--connection", CONNECTION, "--stream",
+    def submit(self, name: str, overrides: str, app: Path = REPO, *, host: str = CENTRE,
+               connection: str = CONNECTION) -> subprocess.Popen[bytes]:
+        """``flwr run`` (via scripts/deploy/submit.py --stream) in the background, by default
+        through the centre's own route (its loopback Control API)."""
+        return self.runner.start(name, self.on(host, [
+            PYTHON, str(DEPLOY / "submit.py"), "--connection", connection, "--stream",
             "--app", str(app), "--overrides", overrides,
-        ], env={"FLWR_HOME": str(self.user_home)})
+        ]), env={"FLWR_HOME": str(self.user_home)})
+
+    def teardown(self) -> tuple[list[str], list[str]]:
+        """Stop everything (the centre with ``superlink.py --stop``, the rest by PID), delete
+        the namespaces; return (processes still running, ports still bound) — both empty when
+        all is well."""
+        if "superlink" in self.runner.procs and self.runner.procs["superlink"].poll() is None:
+            with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+                self.stop_superlink()
+        self.runner.stop_all()
+        leftovers = self.runner.describe(self.runner.tagged_pids())
+        if self.hosts is not None:
+            bound = [f"{host}: {line}" for host, lines in self.hosts.listening().items()
+                     for line in lines]
+            self.hosts.remove()
+        else:
+            bound = [str(p) for p in sorted(self.ports) if not port_is_free(p)]
+        return leftovers, bound
 
     def zombies(self, program: str) -> list[str]:
         """``pid (parent pid)`` of each zombie among this runner's processes' descendants

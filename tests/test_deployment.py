@@ -1,8 +1,18 @@
-"""End to end: a real consortium on 127.0.0.1, set up only with scripts/deploy.
+"""End to end: a real consortium, set up only with scripts/deploy.
 
-One SuperLink (TLS with the consortium CA, SuperNode authentication, SQLite state) and
-real hospital SuperNodes, each serving one hospital's file of the UCI heart-disease data.
-Shown here:
+The coordinating centre (Caddy front door on the public port, Fleet API only; the SuperLink
+with TLS, SuperNode authentication and SQLite state on the centre's loopback), real hospital
+SuperNodes each serving one hospital's file of the UCI heart-disease data, an outsider and the
+researcher: each on its own machine, i.e. its own Linux network namespace (tests/deploy_harness
+``Hosts``), or all on 127.0.0.1 where namespaces cannot be made (the tests that only mean
+something between machines then skip, saying why). Shown here:
+- the public port admits only the Fleet API: an outsider's ``flwr run``, a plain HTTPS POST to
+  ``/v1/control/start-run``, ``flwr supernode register``/``unregister`` and ``/v1/runtime/``
+  are refused there and no run starts; the SuperLink itself is unreachable from other machines;
+- the SuperLink's state files and secret are owner-only, and no Flower process runs with
+  telemetry on;
+- a registered hospital started with another hospital's site-name is refused (log and
+  summary.json ``refused_nodes``) while the other hospitals' run completes;
 - an unregistered SuperNode is refused; a SuperNode without the CA certificate (or with
   another CA) cannot connect, and says why;
 - fedclinic runs through ``flwr run`` with three hospitals while a fourth is killed (SIGKILL,
@@ -15,14 +25,20 @@ Shown here:
   its last line (no traceback); no finished ``flwr-clientapp`` is left as a zombie;
 - a hospital removed while its SuperNode runs is told so (exit status 5) and stays out; a
   site's key is rotated by one command (new key admitted, old key refused);
-- afterwards no process started here is left running and no port is left bound.
+- runs are submitted through the centre's own route and record the app's FAB hash that
+  submit.py printed;
+- afterwards (``superlink.py --stop``, then by PID) no proxy, SuperLink or SuperNode process is
+  left running and no port is left bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -33,11 +49,15 @@ import pytest
 
 from tests.deploy_harness import (
     CONNECTION,
+    OUTSIDER,
+    PUBLIC_CONNECTION,
+    PYTHON,
+    REPO,
     Federation,
+    Hosts,
     ProcessRunner,
     deploy_env,
     free_port,
-    port_is_free,
     process_cwd,
     run_folder,
     wait_for,
@@ -49,14 +69,26 @@ HOSPITALS = ["cleveland", "hungary", "va"]  # connected throughout
 DROPOUT = "switzerland"  # joins, then dies mid-run
 UNREGISTERED = "intruder"  # has a key pair, never registered
 RUN_TIMEOUT_S = 300
+IMPOSTOR_CLAIMS = "hungary"  # Switzerland's registered key, started with Hungary's site-name
+REGISTRY = "site_registry=registry.json"  # relative: the SuperLink's --workdir
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterator[Federation]:
-    """SuperLink + the three hospitals' SuperNodes; everything stopped by PID afterwards."""
+    """The centre + the three hospitals' SuperNodes, each on its own host where namespaces
+    can be made; everything stopped and the namespaces deleted afterwards."""
     root = tmp_path_factory.mktemp("deployment")
-    runner = ProcessRunner(root / "logs", deploy_env())
-    fed = Federation(root=root, data_dir=shared_data / "heart_disease", runner=runner)
+    # every process started here gets its own FLWR_HOME; telemetry and the update check are
+    # the scripts' business (test_state_is_private_and_telemetry_is_off checks they do it)
+    env = deploy_env()
+    for name in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
+        env.pop(name, None)
+    runner = ProcessRunner(root / "logs", env)
+    reason = (Hosts.unavailable_reason() if os.environ.get("FEDCLINIC_DEPLOY_NETNS", "1") != "0"
+              else "FEDCLINIC_DEPLOY_NETNS=0")
+    fed = Federation(root=root, data_dir=shared_data / "heart_disease", runner=runner,
+                     hosts=None if reason else Hosts())
+    fed.loopback_reason = reason  # type: ignore[attr-defined]
     try:
         fed.make_pki([*HOSPITALS, DROPOUT], unregistered=[UNREGISTERED])
         fed.start_superlink()
@@ -66,11 +98,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> I
         fed.wait_connected(HOSPITALS)
         yield fed
     finally:
-        runner.stop_all()
-        leftovers = runner.describe(runner.tagged_pids())
-        bound = sorted(p for p in fed.ports if not port_is_free(p))
+        leftovers, bound = fed.teardown()
         assert not leftovers, f"processes left running: {leftovers}"
         assert not bound, f"ports still bound after teardown: {bound}"
+
+
+def _between_hosts(fed: Federation) -> None:
+    """Skip a check that only means something between separate machines."""
+    reason = getattr(fed, "loopback_reason", None)
+    if reason:
+        pytest.skip(f"all on 127.0.0.1 ({reason}): reachability between hosts is not shown")
 
 
 @pytest.fixture
@@ -119,13 +156,13 @@ def test_supernode_without_the_ca_certificate_cannot_connect(federation: Federat
     """Without the consortium CA the SuperLink's certificate is not trusted: no connection."""
     fed = federation
     # Flower's own SuperNode with no --root-certificates falls back to the system CAs.
-    raw = fed.runner.start("no-ca", [
+    raw = fed.runner.start("no-ca", fed.on("hungary", [
         str(Path(sys.executable).parent / "flower-supernode"), "--superlink", fed.address,
         "--auth-supernode-private-key", str(fed.keys / "hungary"),
         "--node-config", f'data-path="{fed.data_dir / "processed.hungarian.data"}" '
                          'site-name="hungary"',
         "--port", str(free_port(fed.ports)), "--max-retries", "1", "--max-wait-time", "8",
-    ], env={"FLWR_HOME": str(fed.root / "flwr-home-no-ca")})
+    ]), env={"FLWR_HOME": str(fed.root / "flwr-home-no-ca")})
     # Our launcher with another consortium's CA: stops before starting Flower, and says why.
     fed.script("pki", "ca", "--out", fed.root / "other-ca", "--name", "some other CA")
     wrong = fed.start_supernode("wrong-ca", "hungary", ca=fed.root / "other-ca" / "ca.crt")
@@ -164,7 +201,7 @@ def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
     dropout = dropout_hospital(DROPOUT)
     output_dir = tmp_path / "runs"
     overrides = (f"task=heart_disease num_rounds=2 min_sites=3 on_site_failure=continue "
-                 f"output_dir={output_dir}")
+                 f"{REGISTRY} output_dir={output_dir}")
     started = time.monotonic()
     proc, folder = _run_until_sites_known(fed, "run-continue", overrides, output_dir)
     sites = {s["name"] for s in json.loads((folder / "sites.json").read_text())["sites"]}
@@ -197,6 +234,10 @@ def test_three_hospitals_complete_a_run_while_a_fourth_is_killed(
     # SuperExec starts one flwr-clientapp per message; every finished one has been reaped
     wait_for("finished flwr-clientapp processes reaped",
              lambda: not fed.zombies("flwr-clientapp"), 10, 0.2)
+    # submitted through the centre's own route; the app version is on record for hospitals
+    printed = re.search(r"FAB sha256 ([0-9a-f]{64})", log)
+    assert printed and summary["app"]["fab_hash"] == printed.group(1), (summary["app"], log)
+    assert summary["app"]["fab_id"].endswith("/fedclinic") and summary["refused_nodes"] == []
     print(f"\nrun with a killed hospital: {elapsed:.0f}s, mean site accuracy "
           f"{summary['mean_site_accuracy']:.3f}")
 
@@ -210,7 +251,7 @@ def test_on_site_failure_stop_ends_the_run_with_a_clear_message(
     name = dropout_hospital(f"{DROPOUT}-2")  # same key: the same registered node, restarted
     output_dir = tmp_path / "runs"
     overrides = (f"task=heart_disease num_rounds=2 min_sites=3 on_site_failure=stop "
-                 f"output_dir={output_dir}")
+                 f"{REGISTRY} output_dir={output_dir}")
     proc, folder = _run_until_sites_known(fed, "run-stop", overrides, output_dir)
     fed.runner.signal_group(name, signal.SIGTERM)
 
@@ -339,3 +380,159 @@ def test_secure_aggregation_across_real_supernodes(federation: Federation, tmp_p
         assert line["aggregated_sites"] == sorted(HOSPITALS), line
     assert "secure aggregation (secaggplus): round 2 sum of 3 site(s) unmasked" in log, log
     assert summary["mean_site_accuracy"] >= 0.7, summary
+
+
+def _runs_at_the_centre(fed: Federation) -> list[dict[str, object]]:
+    """The SuperLink's runs, listed through the centre's own route."""
+    done = fed.run([str(Path(PYTHON).parent / "flwr"), "ls", CONNECTION, "--format", "json"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout[done.stdout.index("{"):])["runs"]
+
+
+# Plain HTTPS requests from the outsider's machine, verified with the consortium CA (public).
+_RAW_REQUESTS = """
+import http.client, json, ssl, sys
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out = {}
+for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/control/list-runs"),
+                     ("POST", "/v1/runtime/pull-messages"), ("GET", "/v1/runtime/"),
+                     ("POST", "/v1/fleet/../control/start-run"), ("GET", "/v1/fleet/get-run"),
+                     ("POST", "/v1/fleet/pull-messages")]:
+    conn = http.client.HTTPSConnection(host, port, timeout=20,
+                                       context=ssl.create_default_context(cafile=ca))
+    conn.request(method, path, body=b"" if method == "POST" else None,
+                 headers={"Content-Type": "application/protobuf"})
+    reply = conn.getresponse()
+    out[f"{method} {path}"] = [reply.status, reply.read().decode(errors="replace")[:200]]
+    conn.close()
+print(json.dumps(out))
+"""
+
+
+def test_public_port_admits_only_the_fleet_api(federation: Federation) -> None:
+    """From an outsider's machine holding only ca.crt: Control and Runtime API requests to the
+    public port are refused (flwr run, a raw start-run POST, supernode register/unregister),
+    no run starts and no registration changes; the Fleet API is served (401 without a
+    SuperNode signature)."""
+    fed = federation
+    runs_before = _runs_at_the_centre(fed)
+    flwr = str(Path(PYTHON).parent / "flwr")
+    attempt = fed.run([flwr, "run", str(REPO), PUBLIC_CONNECTION, "--run-config",
+                       'overrides="task=heart_disease num_rounds=1 output_dir=/tmp/x"'],
+                      host=OUTSIDER, timeout=120)
+    out = attempt.stdout + attempt.stderr
+    assert attempt.returncode != 0 and "403 Forbidden" in out and "start-run" in out, out
+    assert "Successfully started run" not in out
+    register = fed.run([flwr, "supernode", "register", str(fed.keys / f"{UNREGISTERED}.pub"),
+                        PUBLIC_CONNECTION], host=OUTSIDER)
+    unregister = fed.run([flwr, "supernode", "unregister", str(fed.node_ids[HOSPITALS[0]]),
+                          PUBLIC_CONNECTION], host=OUTSIDER)
+    for done, path in ((register, "register-node"), (unregister, "unregister-node")):
+        text = done.stdout + done.stderr
+        assert done.returncode != 0 and "403 Forbidden" in text and path in text, text
+    raw = fed.run([PYTHON, "-c", _RAW_REQUESTS, fed.public_host, str(fed.public_port),
+                   str(fed.certs / "ca.crt")], host=OUTSIDER)
+    assert raw.returncode == 0, raw.stderr
+    status = {k: v[0] for k, v in json.loads(raw.stdout).items()}
+    refused = {k: s for k, s in status.items() if k != "POST /v1/fleet/pull-messages"}
+    assert set(refused.values()) == {403}, status
+    assert "Fleet API (SuperNodes) only" in json.loads(raw.stdout)["POST /v1/control/start-run"][1]
+    assert status["POST /v1/fleet/pull-messages"] == 401, status  # reached the SuperLink
+    # nothing changed at the centre: no new run, the hospital still registered and online
+    ids = [r["run-id"] for r in _runs_at_the_centre(fed)]
+    assert ids == [r["run-id"] for r in runs_before], "a run started through the public port"
+    nodes = fed.run([flwr, "supernode", "ls", CONNECTION, "--format", "json"])
+    assert str(fed.node_ids[HOSPITALS[0]]) in nodes.stdout, nodes.stdout + nodes.stderr
+    assert fed.runner.procs[HOSPITALS[0]].poll() is None
+
+
+def test_the_superlink_itself_is_unreachable_from_other_hosts(federation: Federation) -> None:
+    """The SuperLink (Control and Runtime API) listens on the centre's loopback only: from
+    the outsider's or a hospital's machine its port does not answer; the front door does."""
+    fed = federation
+    _between_hosts(fed)
+    probe = ("import socket, sys\n"
+             "for port in sys.argv[2:]:\n"
+             "    try:\n"
+             "        socket.create_connection((sys.argv[1], int(port)), timeout=5).close()\n"
+             "        print(port, 'open')\n"
+             "    except OSError as err:\n"
+             "        print(port, type(err).__name__)\n")
+    for host in (OUTSIDER, HOSPITALS[0]):
+        done = fed.run([PYTHON, "-c", probe, fed.public_host, str(fed.link_port),
+                        str(fed.public_port)], host=host)
+        lines = dict(line.split() for line in done.stdout.splitlines())
+        assert lines == {str(fed.link_port): "ConnectionRefusedError",
+                         str(fed.public_port): "open"}, (host, done.stdout, done.stderr)
+    # ... while on the centre's own host the Control API answers (the route runs take)
+    assert _runs_at_the_centre(fed) is not None
+
+
+def test_state_is_private_and_telemetry_is_off(federation: Federation) -> None:
+    """state.db (run messages: model updates, metrics), the SuperExec secrets, the generated
+    Caddyfile and the PID file are owner-only; every Flower process runs with telemetry off
+    and the SuperExec shared secret, though the environment the scripts got set neither."""
+    fed = federation
+    state = fed.state_dir
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    files = [state / n for n in ("state.db", "superexec.secret", "Caddyfile", "superlink.pids")]
+    files += [p for p in state.glob("state.db-*")]
+    files += [fed.root / f"supernode-state-{site}" / "superexec.secret" for site in HOSPITALS]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path}: {oct(path.stat().st_mode)}"
+    assert "FLWR_TELEMETRY_ENABLED" not in fed.runner.env
+    flower = ("flower-superlink", "flower-supernode", "flower-superexec", "superexec.py",
+              "flwr-serverapp", "flwr-clientapp")
+    seen: dict[str, int] = {}
+    for pid in fed.runner.tagged_pids():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        program = next((p for p in flower if any(p.encode() in part for part in cmdline)), None)
+        if program is None:
+            continue
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"FLWR_TELEMETRY_ENABLED=0" in environ, (pid, cmdline)
+        assert b"FLWR_DISABLE_UPDATE_CHECK=1" in environ, (pid, cmdline)
+        if program != "flwr-clientapp" and program != "flwr-serverapp":
+            assert b"--superexec-auth-secret-file" in cmdline, (pid, cmdline)
+        seen[program] = seen.get(program, 0) + 1
+    assert seen.get("flower-superlink") == 1 and seen.get("flower-supernode", 0) >= 3, seen
+    # the centre's SuperExec, and each hospital's (run through superexec.py)
+    assert seen.get("flower-superexec") == 1 and seen.get("superexec.py", 0) >= 3, seen
+
+
+def test_a_hospital_claiming_another_site_is_refused_and_the_run_completes(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Switzerland's registered SuperNode started with site-name=hungary: the ServerApp checks
+    the claim against the registry (site_registry), refuses that node (log + summary.json
+    refused_nodes) and the three genuine hospitals complete the run."""
+    fed = federation
+    impostor = "impostor"
+    fed.start_supernode(impostor, IMPOSTOR_CLAIMS, key=fed.keys / DROPOUT,
+                        data_path=fed.data_dir / "processed.switzerland.data", host=DROPOUT)
+    try:
+        fed.wait_connected([impostor])
+        output_dir = tmp_path / "runs"
+        proc = fed.submit("run-impostor", f"task=heart_disease num_rounds=1 min_sites=3 "
+                                          f"{REGISTRY} output_dir={output_dir}")
+        rc = _wait_exit(proc, RUN_TIMEOUT_S)
+        log = fed.runner.log("run-impostor")
+        assert rc == 0, log
+        folder = run_folder(output_dir)
+        assert folder is not None, log
+        summary = json.loads((folder / "summary.json").read_text())
+        node = fed.node_ids[DROPOUT]
+        assert summary["status"] == "completed" and summary["rounds_completed"] == 1, summary
+        assert summary["refused_nodes"] == [{
+            "node_id": node, "claimed_site": IMPOSTOR_CLAIMS, "registered_site": DROPOUT,
+            "reason": f"claims site '{IMPOSTOR_CLAIMS}' but is registered as '{DROPOUT}'"}]
+        assert f"refused node {node} (claims site '{IMPOSTOR_CLAIMS}')" in log, log
+        assert set(summary["per_site"]) == set(HOSPITALS), summary["per_site"]
+        assert summary["sites"] == sorted(HOSPITALS)
+        sites = json.loads((folder / "sites.json").read_text())["sites"]
+        assert sorted(s["name"] for s in sites) == sorted(HOSPITALS)
+        assert summary["mean_site_accuracy"] >= 0.6, summary
+    finally:
+        fed.runner.signal_group(impostor, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            fed.runner.procs[impostor].wait(timeout=30)

@@ -3,8 +3,19 @@
 
     python scripts/deploy/submit.py --connection fedclinic --stream \\
         --overrides "task=heart_disease min_sites=3 num_rounds=20 output_dir=/srv/fedclinic/runs"
+    python scripts/deploy/submit.py --connection fedclinic-tunnel --ssh-tunnel admin@centre \\
+        --overrides "..."         # from a workstation: over `ssh -L 9093:127.0.0.1:9091`
 
-runs ``flwr run <app> <connection> --run-config 'overrides="..."' [--stream]`` with runtime
+The SuperLink's Control API listens only on the coordinating centre's loopback (the public
+port admits SuperNodes only), so run this on that host with a connection to
+``127.0.0.1:<link-port>``, or elsewhere with ``--ssh-tunnel [user@]host``: it holds
+``ssh -N -L 127.0.0.1:<tunnel-port>:127.0.0.1:<link-port> host`` open while ``flwr`` runs, and
+the connection must then point at ``127.0.0.1:<tunnel-port>`` (the SuperLink's certificate
+names 127.0.0.1). Before submitting it prints the app's FAB SHA-256 (Flower's own build of the
+app folder, byte for byte what ``flwr run`` sends); the run folder's summary.json records the
+hash the ServerApp ran (``app.fab_hash``), for hospitals to compare.
+
+It runs ``flwr run <app> <connection> --run-config 'overrides="..."' [--stream]`` with runtime
 dependency installation disabled. ``output_dir`` must be an absolute path on the SuperLink's
 machine: the ServerApp runs there, in the SuperLink's working directory.
 Without ``--stream`` it prints the run id; follow it with ``flwr log <run-id> <connection>``
@@ -20,9 +31,12 @@ of the stream: the reason is the line fedclinic logged, and again the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -146,6 +160,50 @@ def stream_and_judge(command: list[str], env: dict[str, str], connection: str,
     return 1
 
 
+def fab_sha256(app: Path) -> str:
+    """SHA-256 of the FAB that ``flwr run`` builds from ``app`` (Flower's deterministic
+    builder: fixed timestamps, the app's include/exclude rules)."""
+    from flwr.cli.build import build_fab_from_disk  # imported late: Flower is slow to import
+
+    return hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+
+
+def tunnel_command(host: str, tunnel_port: int, link_port: int) -> list[str]:
+    """``ssh`` forwarding local ``127.0.0.1:tunnel_port`` to the centre's loopback SuperLink."""
+    return ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30",
+            "-L", f"127.0.0.1:{tunnel_port}:127.0.0.1:{link_port}", host]
+
+
+@contextlib.contextmanager
+def ssh_tunnel(host: str, tunnel_port: int, link_port: int,
+               timeout_s: float = 30.0) -> Iterator[None]:
+    """Hold an SSH tunnel open for the ``with`` block; DeployError if it does not come up."""
+    command = tunnel_command(host, tunnel_port, link_port)
+    print(shlex.join(command), flush=True)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise DeployError(f"ssh to {host} ended with status {proc.returncode} before "
+                                  f"the tunnel came up (is 127.0.0.1:{tunnel_port} in use?)")
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", tunnel_port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise DeployError(f"the SSH tunnel to {host} did not open within "
+                                  f"{timeout_s:.0f}s")
+            time.sleep(0.3)
+        yield
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -156,21 +214,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="Flower config folder (default: $FLWR_HOME or ~/.flwr)")
     parser.add_argument("--stream", action="store_true", help="follow the run's log until it ends")
     parser.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
+    parser.add_argument("--ssh-tunnel", metavar="[USER@]HOST", default=None,
+                        help="reach the centre's loopback Control API over SSH")
+    parser.add_argument("--tunnel-port", type=int, default=9093,
+                        help="local end of the tunnel (default 9093; the connection's port)")
+    parser.add_argument("--link-port", type=int, default=9091,
+                        help="the SuperLink's loopback port on the centre (default 9091)")
     args = parser.parse_args(argv)
     try:
         check_output_dir(args.overrides)
         command = run_command(args.app, args.connection, args.overrides, args.stream)
-    except DeployError as err:
+        fab_hash = fab_sha256(args.app)
+    except (DeployError, ValueError) as err:
         fail(str(err))
     env = flower_env()
     if args.flwr_home is not None:
         env["FLWR_HOME"] = str(args.flwr_home.expanduser().resolve())
+    print(f"app {args.app.resolve()}: FAB sha256 {fab_hash}", flush=True)
+    tunnel = (ssh_tunnel(args.ssh_tunnel, args.tunnel_port, args.link_port)
+              if args.ssh_tunnel else contextlib.nullcontext())
     print(shlex.join(command), flush=True)
-    if args.stream:
-        raise SystemExit(stream_and_judge(command, env, args.connection, args.flwr_home,
-                                          args.timeout))
     try:
-        done = subprocess.run(command, env=env, timeout=args.timeout, check=False)
+        with tunnel:  # open for the submission and for reading the run's status
+            if args.stream:
+                raise SystemExit(stream_and_judge(command, env, args.connection,
+                                                  args.flwr_home, args.timeout))
+            done = subprocess.run(command, env=env, timeout=args.timeout, check=False)
+    except DeployError as err:
+        fail(str(err), 3)
     except subprocess.TimeoutExpired:
         fail(f"no answer within {args.timeout:.0f}s; the run may still go on: see "
              f"`flwr ls {args.connection}`", 124)
