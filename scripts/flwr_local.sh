@@ -14,7 +14,7 @@ PY="$VENV/bin/python"
 export PATH="$PWD/$VENV/bin:$PATH"   # flwr starts flower-superlink from PATH
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr}
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1   # never `uv sync` a CUDA torch per run
-export FLWR_TELEMETRY_ENABLED=0
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1   # no quiet egress
 mkdir -p "$FLWR_HOME"
 
 overrides="$*"

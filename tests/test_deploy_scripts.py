@@ -335,3 +335,16 @@ def test_flower_processes_get_telemetry_and_update_check_off() -> None:
     """Whatever the operator's environment says, the scripts switch Flower's egress off."""
     env = _deploy_module("_common").flower_env({"FLWR_TELEMETRY_ENABLED": "1"})
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+
+
+def test_supernode_least_privilege_is_enforced_on_request(certs: Path, tmp_path: Path) -> None:
+    """--least-privilege refuses root or write access to the data, before connecting."""
+    data = tmp_path / "site.data"
+    data.write_text("1,2,3\n")
+    done = _run("supernode", "--superlink", "127.0.0.1:9", "--ca", certs / "ca.crt",
+                "--data-path", data, "--site-name", "x", "--least-privilege",
+                "--state-dir", tmp_path / "state")
+    assert done.returncode == 2, done.stderr
+    why = "runs as root" if os.geteuid() == 0 else f"can write {data}"
+    assert f"--least-privilege: this SuperNode {why}" in done.stderr
+    assert not (tmp_path / "state").exists()  # nothing written before the checks pass

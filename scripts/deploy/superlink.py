@@ -213,11 +213,15 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(superexec), flush=True)
         procs["superexec"] = subprocess.Popen(superexec, cwd=workdir, env=env,
                                               start_new_session=True)
-        print(" ".join(proxy), flush=True)
-        procs["proxy"] = subprocess.Popen(proxy, cwd=state_dir, env=proxy_env)
-        probe_host = LOOPBACK if args.host in ("0.0.0.0", "::", "") else args.host
-        _wait_until(f"the proxy on {args.host}:{args.port}",
-                    lambda: _tcp_answers(probe_host, args.port), procs)
+        if args.proxy == "run":
+            print(" ".join(proxy), flush=True)
+            procs["proxy"] = subprocess.Popen(proxy, cwd=state_dir, env=proxy_env)
+            probe_host = LOOPBACK if args.host in ("0.0.0.0", "::", "") else args.host
+            _wait_until(f"the proxy on {args.host}:{args.port}",
+                        lambda: _tcp_answers(probe_host, args.port), procs)
+        else:  # a separate container sharing this network namespace runs it (compose.yaml)
+            print(f"proxy not started here (--proxy external): run `{' '.join(proxy)}` in "
+                  "this host's network namespace", flush=True)
         write_private(state_dir / PID_FILE, json.dumps(
             {"supervisor": os.getpid(), **{n: p.pid for n, p in procs.items()}}).encode())
         print(f"fedclinic: front door https://{args.host}:{args.port} serves the Fleet API only; "
@@ -289,7 +293,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="working directory of the SuperLink and its ServerApp "
                              "(default: --state-dir); put the site registry here")
     parser.add_argument("--log-file", type=Path, default=None, help="also log to this file")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
+    parser.add_argument("--proxy", choices=("run", "external"), default="run",
+                        help="run: start Caddy here (default); external: only write the "
+                             "Caddyfile, for a proxy container sharing this network namespace")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write the secret, state.db and Caddyfile, print the commands, "
+                             "start nothing")
     parser.add_argument("--stop", action="store_true",
                         help="stop the running proxy, SuperLink and SuperExec of --state-dir")
     args = parser.parse_args(argv)
