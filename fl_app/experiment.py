@@ -97,8 +97,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     # after the folder exists: if too few sites are accepted, summary.json says who was refused
     facts, refused = _accepted_sites(claims, cfg)
     app = app_identity(grid)
-    log(INFO, "fedclinic: app %s %s, FAB sha256 %s", app["fab_id"], app["fab_version"],
-        app["fab_hash"] or "n/a")
+    if app["fab_hash"]:  # empty in the in-process simulation (no FAB)
+        log(INFO, "fedclinic: app %s %s, FAB sha256 %s", app["fab_id"], app["fab_version"],
+            app["fab_hash"])
     log(
         INFO,
         "fedclinic: task=%s strategy=%s privacy=%s rounds=%d sites=%d; run folder %s",
