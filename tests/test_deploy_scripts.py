@@ -348,3 +348,21 @@ def test_supernode_least_privilege_is_enforced_on_request(certs: Path, tmp_path:
     why = "runs as root" if os.geteuid() == 0 else f"can write {data}"
     assert f"--least-privilege: this SuperNode {why}" in done.stderr
     assert not (tmp_path / "state").exists()  # nothing written before the checks pass
+
+
+def test_submit_prints_the_hash_of_the_fab_flower_builds(tmp_path: Path) -> None:
+    """The FAB hash submit.py prints is the SHA-256 of the bundle `flwr build` writes for the
+    same app folder (what hospitals compare with summary.json's app.fab_hash)."""
+    import hashlib
+
+    built = subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app",
+                            str(REPO)], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, check=False,
+                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    assert built.returncode == 0, built.stdout + built.stderr
+    fab = next(tmp_path.glob("*.fab"))
+    submit = _deploy_module("submit")
+    assert submit.fab_sha256(REPO) == hashlib.sha256(fab.read_bytes()).hexdigest()
+    assert submit.tunnel_command("admin@centre", 9093, 9091) == [
+        "ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30",
+        "-L", "127.0.0.1:9093:127.0.0.1:9091", "admin@centre"]
