@@ -242,7 +242,7 @@ def _at_threshold(grid: Grid, cfg: DictConfig, record: ConfigRecord, arrays: Arr
         log(ERROR, "fedclinic: %d of %d sites did not report at the chosen threshold; the "
             "summary keeps the 0.5 metrics", len(nodes) - len(replies), len(nodes))
         return
-    per_site = {site_name(r): metrics_of(r) for r in replies}
+    per_site = {site_name(r.content): metrics_of(r.content) for r in replies}
     pooled = pooled_metrics(per_site)
     history[-1] = {**history[-1], "pooled": pooled,
                    "per_site": {s: public_site_metrics(m) for s, m in per_site.items()}}

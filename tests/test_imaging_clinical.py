@@ -224,7 +224,8 @@ def test_chest_threshold_sensitivity_095(shared_data: Path, tmp_path: Path) -> N
     )
     summary = _summary(simulate(cfg, num_cpus=2).path)
     assert summary["threshold_rule"] == "sensitivity:0.95"
-    assert 0.0 < summary["threshold"] < 0.5 and summary["threshold_logit"] < 0
+    assert 0.0 < summary["threshold"] < 1.0
+    assert summary["threshold"] == pytest.approx(1 / (1 + np.exp(-summary["threshold_logit"])))
     assert summary["pooled"]["sensitivity"] >= 0.93, summary["pooled"]
     assert all(m["threshold-logit"] == summary["threshold_logit"]
                for m in summary["per_site"].values())
