@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_app import faults
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
@@ -27,7 +28,9 @@ central_dp_clipping_mod = make_clipping_mod(CONFIG_KEY)
 # Train mods, outermost first: secure aggregation protects (masks/encrypts) the update that
 # the inner mods produced: FedBN (fedbn=true) has taken the site-local normalisation layers
 # out of it and central DP has clipped it. FedBN also wraps evaluate (its layers stay local).
-TRAIN_MODS = [secure_aggregation_mod, fedbn_mod, central_dp_clipping_mod]
+# fault_mod (simulation only) inside secure aggregation: a faulty site's update is what it
+# masks and sends, as a real bad site's would be
+TRAIN_MODS = [secure_aggregation_mod, faults.fault_mod, fedbn_mod, central_dp_clipping_mod]
 EVALUATE_MODS = [fedbn_mod]
 
 
@@ -60,6 +63,8 @@ def query(msg: Message, context: Context) -> Message:
         "num_test": site.num_test,
         "info": {k: v for k, v in site.info.items() if isinstance(v, (int, float, str, list))},
         "moments": session.task.local_statistics(site),
+        # the server refuses fault injection unless every site is simulated (fl_app/faults.py)
+        "simulated": faults.in_simulation(context.node_config),
     }
     return Message(RecordDict({"site": ConfigRecord({"facts": json.dumps(facts)})}), reply_to=msg)
 
@@ -75,8 +80,9 @@ def train(msg: Message, context: Context) -> Message:
     site, cfg = session.site(), session.cfg
     model = _model(session, msg)
     server_round = int(msg.content["config"].get("server-round", 0))
+    train_data = faults.training_data(cfg, session.ref.name, site.train, site.num_classes)
     loader = engine.make_loader(
-        site.train, cfg.task.batch_size, shuffle=True, seed=cfg.seed + server_round
+        train_data, cfg.task.batch_size, shuffle=True, seed=cfg.seed + server_round
     )
     privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device)
     if (refusal := privacy.refusal(msg.content["config"])) is not None:

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 import strategies
+from fl_app import faults
 from fl_app.checkpoint import (
     RoundOffset,
     commit_round,
@@ -51,6 +52,7 @@ from fl_app.sites import (
 from fl_app.threshold import rule_of
 from strategies.budget import PrivacyStop
 from strategies.secure_aggregation import check_secure_aggregation, secagg_name
+from strategies.validation import round_rejections, skipped_reason
 from tasks import get_task
 
 
@@ -91,7 +93,11 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         cfg.partition.num_sites = len(nodes)
     else:
         nodes = wait_for_nodes(grid, expected, cfg.wait_for_nodes_s)
-    claims = query_sites(grid, cfg, nodes, cfg.round_timeout_s)
+    # the query round includes each ClientApp's cold start (imports, data loading), so it may
+    # take as long as connecting does: a short round_timeout_s bounds the training rounds
+    query_timeout = max(cfg.round_timeout_s, cfg.wait_for_nodes_s)
+    claims = query_sites(grid, cfg, nodes, query_timeout)
+    injected = faults.check(cfg, {f.name: f.simulated for f in claims})
     run = RunFolder.open(Path(cfg.resume)) if cfg.get("resume") else RunFolder.create(cfg)
     created(run)
     # after the folder exists: if too few sites are accepted, summary.json says who was refused
@@ -119,6 +125,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
             f.num_test,
             f.node_id,
         )
+    if injected:
+        log(INFO, "fedclinic: injecting faults (simulation): %s",
+            ", ".join(faults.describe(injected)))
     stats = global_statistics(facts)
     info = model_info(facts)
     run.write_json(
@@ -141,6 +150,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         train_metrics_aggr_fn=collector.train,
         evaluate_metrics_aggr_fn=collector.evaluate,
         node_sites=node_sites,
+        train_sizes={f.name: f.num_train for f in facts},
     )
     ledger = PrivacyLedger(run, cfg, strategy)
     # Rounds see only the sites queried above, and a hospital that drops out never hangs the
@@ -176,6 +186,13 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         secagg_failure = getattr(strategy, "failed_rounds", {}).get(server_round)
         if secagg_failure:
             line["failures"]["secure_aggregation"] = secagg_failure
+        # updates update validation rejected, and why (strategies/validation.py)
+        line["rejected"] = {
+            r["site"]: r["reason"] for r in round_rejections(strategy, server_round)
+        }
+        skipped = skipped_reason(strategy, server_round)
+        if skipped is not None:
+            line["skipped"] = skipped
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
         state_dict = arrays.to_torch_state_dict()
@@ -184,7 +201,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         commit_round(run, server_round, model_sha, strategy)  # resume starts after this round
         _log_round(line, cfg.num_rounds)
         collector.reset()
-        if not line["train"] and not secagg_failure:  # SiteFailure: caught below
+        # SiteFailure (caught below, summary.json still written); a round validation skipped
+        # keeps the global model and goes on
+        if not line["train"] and not secagg_failure and skipped is None:
             raise SiteFailure(
                 f"round {server_round}: no site returned a model update, so the run stops "
                 f"instead of going on with an untrained model. Site errors: {line['failures']}"

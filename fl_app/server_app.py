@@ -11,13 +11,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.config import ConfigError, compose_config
 from fl_app.experiment import run_experiment
+from fl_app.faults import FaultConfigError
 from fl_app.sites import FederationError
+from strategies.budget import PrivacyConfigError
+from strategies.robust import RobustConfigError
+from strategies.validation import ValidationConfigError
 from tasks import DataError
 
 app = ServerApp()
 
 # Errors that mean "the experiment cannot run as configured": reported in one clear line.
-USER_ERRORS = (ConfigError, FederationError, DataError)
+USER_ERRORS = (
+    ConfigError, FederationError, DataError, PrivacyConfigError, RobustConfigError,
+    ValidationConfigError, FaultConfigError,
+)
 
 
 @app.main()

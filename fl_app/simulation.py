@@ -24,7 +24,7 @@ def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
     """Simulate one SuperNode per site for the resolved ``cfg``; return the run folder."""
     from flwr.simulation import run_simulation  # imports Ray: keep it off the module path
 
-    num_sites = expected_num_sites(cfg, get_task(cfg.task.name)) or DEFAULT_SIMULATED_SITES
+    num_sites = simulated_sites(cfg)
     folders: list[RunFolder] = []
     server = ServerApp()
 
@@ -48,10 +48,22 @@ def simulate(cfg: DictConfig, num_cpus: int | None = None) -> RunFolder:
     return folders[0]
 
 
+def simulated_sites(cfg: DictConfig) -> int:
+    """One simulated SuperNode per site of the task.
+
+    When the task's sites are known (natural sites, or ``partition.num_sites`` set) every
+    site gets one, even with ``min_sites`` lower: min_sites is how many must stay connected,
+    not how many exist. Else ``min_sites`` or the default.
+    """
+    task = get_task(cfg.task.name)
+    if task.natural_sites or cfg.partition.get("num_sites") is not None:
+        return len(task.site_names(cfg))
+    return expected_num_sites(cfg, task) or DEFAULT_SIMULATED_SITES
+
+
 def num_supernodes(overrides: str) -> int:
     """How many simulated SuperNodes an experiment needs (one per site)."""
-    cfg = compose_config(overrides)
-    return expected_num_sites(cfg, get_task(cfg.task.name)) or DEFAULT_SIMULATED_SITES
+    return simulated_sites(compose_config(overrides))
 
 
 if __name__ == "__main__":

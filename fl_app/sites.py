@@ -34,6 +34,7 @@ class SiteFacts:
     num_test: int
     info: dict[str, Any]
     moments: dict[str, list[float]] | None
+    simulated: bool = False  # a simulated SuperNode (partition-id), not a hospital's
 
 
 def expected_num_sites(cfg: DictConfig, task: Task) -> int | None:
@@ -101,7 +102,7 @@ def query_sites(grid: Grid, cfg: DictConfig, nodes: list[int], timeout_s: float)
             continue
         data = json.loads(str(reply.content["site"]["facts"]))
         facts.append(SiteFacts(node, data["name"], data["num_train"], data["num_test"],
-                               data["info"], data["moments"]))
+                               data["info"], data["moments"], bool(data.get("simulated"))))
     if problems:
         lines = [f"{len(ids)} of {len(nodes)} SuperNodes (node {', '.join(map(str, ids))}): {why}"
                  for why, ids in problems.items()]

@@ -47,6 +47,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 from omegaconf import DictConfig
 
 from strategies.budget import STATUS_EXHAUSTED, PrivacyConfigError, read_spend
+from strategies.wrapper import unwrap
 
 
 class _RoundNoise:
@@ -163,6 +164,17 @@ def build_central_dp(base: Strategy, cfg: DictConfig, num_sampled: int,
             f"privacy.noise_multiplier={z} with adaptive clipping over {num_sampled} sites: "
             f"{err} (set privacy.clipped_count_stddev above noise_multiplier/2)"
         ) from None
+
+
+def calibrate_central_dp(strategy: Strategy, num_updates: int) -> None:
+    """Tell the central-DP wrapper in ``strategy``'s chain how many updates it averages.
+
+    Its noise scales with ``clipping_norm / num_sampled_clients``, so the count must be the
+    updates actually averaged this round (after failed, exhausted or rejected replies).
+    """
+    for inner in unwrap(strategy):
+        if isinstance(inner, _RoundNoise):
+            inner.num_sampled_clients = max(int(num_updates), 1)
 
 
 def accounted_noise_multiplier(cfg: DictConfig) -> float:

@@ -1,6 +1,7 @@
 """Build the Flower strategy an experiment config asks for.
 
-The base aggregator is one of Flower's own Message-API strategies (FedAvg, FedProx, FedAdam),
+The base aggregator is one of Flower's own Message-API strategies (FedAvg, FedProx, FedAdam,
+or a robust one: FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; strategies/robust.py),
 weighted by the number of training examples each site reports as ``num-examples``.
 """
 
@@ -17,7 +18,9 @@ from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
 from strategies.fedbn import FedBN
 from strategies.fedbn import enabled as fedbn_enabled
 from strategies.privacy import wrap_strategy
+from strategies.robust import build_robust, is_robust, min_replies
 from strategies.secure_aggregation import wrap_secure_aggregation
+from strategies.validation import with_validation
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -31,18 +34,29 @@ def build(
     train_metrics_aggr_fn: MetricsAggregator | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
     node_sites: dict[int, str] | None = None,
+    train_sizes: dict[str, int] | None = None,
 ) -> Strategy:
-    """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.privacy`` and ``cfg.secagg``.
+    """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.validation``,
+    ``cfg.privacy`` and ``cfg.secagg``.
 
     The chain, innermost first: the aggregator; Flower's central-DP wrapper (``central_dp``:
-    noise added once to the average); the privacy guard (budgets, ledger; it must see each
-    site's reply); FedBN (completes replies with the global normalisation layers); secure
-    aggregation outermost (``strategies.secure_aggregation``): it turns the masked replies
-    into per-site replies carrying the unmasked weighted average, so everything inside works
-    unchanged. ``node_sites`` maps node ids to site names (for the ledger).
+    noise added once to the average); update validation (``strategies.validation``: rejects
+    bad single updates, so the DP noise is calibrated to the updates actually averaged); the
+    privacy guard (budgets, ledger; it must see each site's reply, rejected ones included);
+    FedBN (completes replies with the global normalisation layers); secure aggregation
+    outermost (``strategies.secure_aggregation``): it turns the masked replies into per-site
+    replies carrying the unmasked weighted average, so everything inside works unchanged
+    (validation is then off: no single update is visible). ``node_sites`` maps node ids to
+    site names (ledger, rejections); ``train_sizes`` maps site names to the training examples
+    each reported in the query round (plausible counts).
     """
     base = _aggregator(cfg, num_sites, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
-    strategy = wrap_strategy(base, cfg, num_sites, node_sites)
+
+    def validated(inner: Strategy) -> Strategy:
+        needed = min_replies(cfg.strategy) if is_robust(cfg.strategy.name) else 1
+        return with_validation(inner, cfg, node_sites, train_sizes, needed)
+
+    strategy = wrap_strategy(base, cfg, num_sites, node_sites, inside_guard=validated)
     # FedBN: replies lacking the sites' normalisation layers are completed with the global
     # entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
     strategy = FedBN(strategy) if fedbn_enabled(cfg) else strategy
@@ -82,9 +96,14 @@ def _aggregator(
         return FedAvg(**common)
     if scfg.name == "fedprox":
         return FedProx(**common, proximal_mu=scfg.proximal_mu)
+    if is_robust(scfg.name):
+        return build_robust(scfg, common, num_sites)
     if scfg.name == "fedadam":
         return FedAdam(
             **common, eta=scfg.eta, eta_l=scfg.eta_l,
             beta_1=scfg.beta_1, beta_2=scfg.beta_2, tau=scfg.tau,
         )
-    raise ValueError(f"unknown strategy '{scfg.name}'; choose fedavg, fedprox or fedadam")
+    raise ValueError(
+        f"unknown strategy '{scfg.name}'; choose fedavg, fedprox, fedadam, median, "
+        "trimmed_mean, krum, multikrum or bulyan"
+    )

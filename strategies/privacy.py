@@ -21,7 +21,7 @@ accountant. With every site in every round (the default) q = 1: no amplification
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -48,8 +48,12 @@ from strategies.budget import (
     read_spend,
     site_budget,
 )
-from strategies.central_dp import accounted_noise_multiplier, build_central_dp
-from strategies.wrapper import StrategyWrapper
+from strategies.central_dp import (
+    accounted_noise_multiplier,
+    build_central_dp,
+    calibrate_central_dp,
+)
+from strategies.wrapper import StrategyWrapper, innermost
 
 SITE_RECORD = "site"  # ConfigRecord {"name": site} in every reply (fl_app.metrics.SITE_RECORD)
 
@@ -62,11 +66,17 @@ def sample_size(strategy: Strategy, num_nodes: int) -> int:
 
 
 def wrap_strategy(base: Strategy, cfg: DictConfig, num_sites: int,
-                  node_sites: dict[int, str] | None = None) -> Strategy:
-    """``base`` wrapped for ``cfg.privacy`` (unchanged when privacy is off)."""
+                  node_sites: dict[int, str] | None = None,
+                  inside_guard: Callable[[Strategy], Strategy] | None = None) -> Strategy:
+    """``base`` wrapped for ``cfg.privacy`` (only by ``inside_guard`` when privacy is off).
+
+    ``inside_guard`` (e.g. update validation) wraps the strategy just inside the budget guard,
+    outside Flower's central-DP wrapper.
+    """
+    inside = inside_guard or (lambda s: s)
     mech = check_privacy_config(cfg)
     if mech == "none":
-        return base
+        return inside(base)
     if mech == "local_dp" and cfg.strategy.get("proximal_mu", 0.0) > 0:
         # Opacus replaces each gradient by its clipped, noised per-sample version, so the
         # proximal term's gradient would be silently dropped
@@ -81,7 +91,7 @@ def wrap_strategy(base: Strategy, cfg: DictConfig, num_sites: int,
     inner = base
     if mech == "central_dp":
         inner = build_central_dp(base, cfg, sample_size(base, num_sites))
-    return PrivacyGuard(inner, cfg, node_sites or {})
+    return PrivacyGuard(inside(inner), cfg, node_sites or {})
 
 
 class PrivacyGuard(StrategyWrapper):
@@ -119,7 +129,7 @@ class PrivacyGuard(StrategyWrapper):
     @property
     def base(self) -> Strategy:
         """The aggregating strategy under the DP wrapper."""
-        return getattr(self.strategy, "strategy", self.strategy) if self.central else self.strategy
+        return innermost(self.strategy)
 
     def eligible(self) -> list[str]:
         """Sites that still have budget (not excluded)."""
@@ -283,7 +293,7 @@ class PrivacyGuard(StrategyWrapper):
         if self.central:
             # the noise is calibrated to the number of updates actually averaged
             ok = sum(1 for r in passed if not r.has_error())
-            self.strategy.num_sampled_clients = max(ok, 1)  # type: ignore[attr-defined]
+            calibrate_central_dp(self.strategy, ok)
         arrays, metrics = self.strategy.aggregate_train(server_round, passed)
         released = self.central and arrays is not None
         if released:

@@ -6,12 +6,14 @@ DifferentialPrivacy* wrappers do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+S = TypeVar("S", bound=Strategy)
 
 
 class StrategyWrapper(Strategy):
@@ -54,3 +56,29 @@ class StrategyWrapper(Strategy):
     ) -> MetricRecord | None:
         """Delegate."""
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def unwrap(strategy: Strategy) -> Iterator[Strategy]:
+    """``strategy``, then each strategy it wraps, outermost first.
+
+    Follows ``.strategy``, which our wrappers and Flower's DP wrappers both use for the
+    strategy they wrap.
+    """
+    current: Strategy | None = strategy
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        inner = vars(current).get("strategy")  # not __getattr__: it would delegate inwards
+        current = inner if isinstance(inner, Strategy) else None
+
+
+def find(strategy: Strategy, cls: type[S]) -> S | None:
+    """The outermost strategy of type ``cls`` in the chain of ``strategy`` (None if absent)."""
+    return next((s for s in unwrap(strategy) if isinstance(s, cls)), None)
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The aggregating strategy at the bottom of the chain (e.g. FedAvg under DP wrappers)."""
+    *_, last = unwrap(strategy)
+    return last

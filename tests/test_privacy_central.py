@@ -25,7 +25,8 @@ import strategies
 from fl_app.config import compose_config, to_json
 from fl_app.privacy_ledger import find_guard
 from strategies.budget import LEDGER_KEYS, PrivacyConfigError, spend_record
-from strategies.central_dp import make_clipping_mod
+from strategies.central_dp import _RoundNoise, make_clipping_mod
+from strategies.wrapper import find
 
 NODE_SITES = {11: "site-0", 12: "site-1", 13: "site-2", 14: "site-3"}
 DIM = 2000
@@ -47,7 +48,7 @@ def build(overrides: str, seed: int = 0):
     cfg = compose_config(f"privacy=central_dp partition.num_sites=4 {overrides}")
     strategy = strategies.build(cfg, 4, node_sites=NODE_SITES)
     guard = find_guard(strategy)
-    guard.strategy.rng = np.random.default_rng(seed)
+    find(guard, _RoundNoise).rng = np.random.default_rng(seed)  # under update validation
     return cfg, guard
 
 

@@ -18,6 +18,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 import strategies
 from fl_app.config import compose_config
 from fl_app.metrics import SiteMetricsCollector
+from strategies.validation import UpdateValidation
+from strategies.wrapper import innermost
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
@@ -38,6 +40,8 @@ def _reply(weights: np.ndarray, num_examples: int, site: str, loss: float) -> Me
 )
 def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
     strategy = strategies.build(compose_config(f"strategy={name}"), num_sites=4)
+    assert type(strategy) is UpdateValidation  # validation.enabled=true by default
+    strategy = innermost(strategy)
     assert type(strategy) is cls
     assert strategy.min_available_nodes == 4
     if name == "fedprox":

@@ -34,8 +34,44 @@ class FedAdam(FedAvg):
     tau: float = MISSING
 
 
+@dataclass
+class Median(FedAvg):
+    """conf/strategy/median.yaml."""
+
+
+@dataclass
+class TrimmedMean(FedAvg):
+    """conf/strategy/trimmed_mean.yaml."""
+
+    beta: float = MISSING
+
+
+@dataclass
+class Krum(FedAvg):
+    """conf/strategy/krum.yaml; the base of multikrum and bulyan."""
+
+    num_malicious_nodes: int = MISSING
+
+
+@dataclass
+class MultiKrum(Krum):
+    """conf/strategy/multikrum.yaml."""
+
+    num_nodes_to_select: int = MISSING
+
+
+@dataclass
+class Bulyan(Krum):
+    """conf/strategy/bulyan.yaml."""
+
+
 SCHEMAS: dict[str, type] = {
     "fedavg_schema": FedAvg,
     "fedprox_schema": FedProx,
     "fedadam_schema": FedAdam,
+    "median_schema": Median,
+    "trimmed_mean_schema": TrimmedMean,
+    "krum_schema": Krum,
+    "multikrum_schema": MultiKrum,
+    "bulyan_schema": Bulyan,
 }

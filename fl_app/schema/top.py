@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+
+@dataclass
+class Validation:
+    """``validation``: update validation before aggregation (strategies/validation.py)."""
+
+    enabled: bool = MISSING
+    max_update_norm: float | None = MISSING
+    max_norm_ratio: float | None = MISSING
+    min_valid_replies: int = MISSING
 
 
 @dataclass
@@ -28,3 +38,6 @@ class Config:
     wait_for_nodes_s: float = MISSING
     round_timeout_s: float = MISSING
     resume: str | None = MISSING
+    validation: Validation = field(default_factory=Validation)
+    # site -> fault (simulation only; fl_app/faults.py)
+    faults: dict[str, str] = field(default_factory=dict)
