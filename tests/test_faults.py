@@ -54,7 +54,7 @@ def test_validation_and_robust_aggregation_survive_bad_sites(
         assert set(line["rejected"]) == {"site-2", "site-3"}
         assert "has shape (2, 31), expected (2, 30)" in line["rejected"]["site-2"]
         assert "contains NaN" in line["rejected"]["site-3"]
-        assert line["aggregated"] == ["site-0", "site-1", "site-4"]
+        assert line["aggregated_sites"] == ["site-0", "site-1", "site-4"]
     assert summary["pooled"]["accuracy"] >= clean_accuracy - 0.02
 
 
@@ -77,7 +77,7 @@ def test_a_crash_and_a_timeout_do_not_stop_the_run(tmp_path: Path) -> None:
                                    "+faults.site-1=crash:2 +faults.site-3=timeout:3")
     assert summary["status"] == "completed"
     everyone = ["site-0", "site-1", "site-2", "site-3", "site-4"]
-    assert [x["aggregated"] for x in lines] == [
+    assert [x["aggregated_sites"] for x in lines] == [
         everyone,
         ["site-0", "site-2", "site-3", "site-4"],
         ["site-0", "site-1", "site-2", "site-4"],
