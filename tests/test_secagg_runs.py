@@ -1,8 +1,8 @@
 """Secure aggregation end to end through the real Flower CLI (`scripts/flwr_local.sh`).
 
-Breast cancer across 5 simulated hospitals under SecAgg+, and heart disease (4 real
-hospitals) with central DP (client-side clipping) under SecAgg+, each on its own local
-simulation SuperLink, stopped afterwards.
+Breast cancer across 5 simulated hospitals under SecAgg+ and under CKKS, heart disease (4 real
+hospitals) with central DP (client-side clipping) under SecAgg+, and central DP composed with
+CKKS, each on its own local simulation SuperLink, stopped afterwards.
 """
 
 from __future__ import annotations
@@ -84,4 +84,46 @@ def test_heart_disease_central_dp_client_under_secaggplus(flwr_local, shared_dat
         assert entry["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), abs=1e-6)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["secure_aggregation"] == "secaggplus"
+    assert summary["privacy"]["central"]["releases"] == rounds
+
+
+def test_breast_cancer_five_hospitals_under_ckks(flwr_local, tmp_path: Path) -> None:
+    keys = tmp_path / "simulated-hospital-keys"  # the simulated hospitals' own folder
+    folder, log = flwr_local(f"secagg=ckks secagg.simulation_key_dir={keys} "
+                             "partition.num_sites=5 num_rounds=5")
+    sites = [f"site-{i}" for i in range(5)]
+    lines = _lines(folder)
+    assert [x["round"] for x in lines] == [1, 2, 3, 4, 5]
+    for line in lines:
+        assert line["aggregated_sites"] == sites, line
+        assert set(line["train"]) == set(sites)  # training metrics stay per site
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["secure_aggregation"] == "ckks"
+    assert summary["status"] == "completed"
+    assert summary["pooled"]["accuracy"] >= 0.90, summary["pooled"]
+    assert "5 hospital(s) hold CKKS key" in log
+    assert "secure aggregation (ckks): round 5 sum of 5 site(s) unmasked" in log
+    # the simulated hospitals made their key in their folder; the server never needed one
+    assert (keys / "ckks-secret-context.bin").stat().st_mode & 0o077 == 0
+
+
+def test_central_dp_client_composes_with_ckks(flwr_local, tmp_path: Path) -> None:
+    rounds = 2
+    folder, log = flwr_local(
+        f"secagg=ckks secagg.simulation_key_dir={tmp_path / 'keys'} partition.num_sites=4 "
+        f"privacy=central_dp_client privacy.noise_multiplier=1.0 num_rounds={rounds}"
+    )
+    sites = [f"site-{i}" for i in range(4)]
+    assert all(line["aggregated_sites"] == sites for line in _lines(folder))
+    # the noise is added once, by the server, to the decrypted average of 4 clipped updates
+    assert "central DP: Gaussian noise with stdev 0.250000 added to the average of 4" in log
+    ledger = [json.loads(x) for x in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == rounds * len(sites)
+    for entry in ledger:
+        acc = RDPAccountant()
+        acc.history = [(1.0, 1.0, entry["round"])]
+        assert entry["status"] == "trained" and entry["mechanism"] == "central_dp"
+        assert entry["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), abs=1e-6)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["secure_aggregation"] == "ckks"
     assert summary["privacy"]["central"]["releases"] == rounds

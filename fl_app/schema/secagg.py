@@ -26,7 +26,18 @@ class SecAggPlus(NoSecureAggregation):
     timeout: float | None = MISSING
 
 
+@dataclass
+class Ckks(NoSecureAggregation):
+    """conf/secagg/ckks.yaml (checked further by strategies/ckks.py)."""
+
+    decryptors: int = MISSING
+    public_context_sha256: str | None = MISSING
+    verify_sum: bool = MISSING
+    simulation_key_dir: str | None = MISSING
+
+
 SCHEMAS: dict[str, type] = {
     "none_schema": NoSecureAggregation,
     "secaggplus_schema": SecAggPlus,
+    "ckks_schema": Ckks,
 }

@@ -178,11 +178,16 @@ def probe_superlink(address: str, ca: Path, max_retries: int, max_wait_s: float)
         time.sleep(min(2.0 * attempt, 10.0, max(0.0, deadline - time.monotonic())))
 
 
-def node_config(data_path: Path, site_name: str, device: str | None) -> str:
+def node_config(data_path: Path, site_name: str, device: str | None,
+                ckks_secret_context: Path | None = None, ckks_verify_sum: bool = False) -> str:
     """The ``--node-config`` string: TOML values, quoted."""
     items = {"data-path": str(data_path.expanduser().resolve()), "site-name": site_name}
     if device:
         items["device"] = device
+    if ckks_secret_context is not None:  # secagg=ckks: the consortium's secret context
+        items["ckks-secret-context"] = str(ckks_secret_context.expanduser().resolve())
+    if ckks_verify_sum:  # decrypt only sums this hospital verified itself
+        items["ckks-verify-sum"] = "true"
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
@@ -192,7 +197,8 @@ def supernode_command(args: argparse.Namespace, secret: Path) -> list[str]:
         flower_executable("flower-supernode"),
         "--superlink", args.superlink,
         "--root-certificates", str(args.ca.expanduser().resolve()),
-        "--node-config", node_config(args.data_path, args.site_name, args.device),
+        "--node-config", node_config(args.data_path, args.site_name, args.device,
+                                     args.ckks_secret_context, args.ckks_verify_sum),
         "--max-retries", str(args.max_retries),
         "--max-wait-time", str(args.max_wait_time),
         "--host", args.runtime_host,
@@ -410,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="this hospital's data (file or folder, per task)")
     parser.add_argument("--site-name", required=True, help="this hospital's site name")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--ckks-secret-context", type=Path, default=None,
+                        help="secagg=ckks: the consortium's secret context (ckks_keys.py "
+                             "create); node config key ckks-secret-context")
+    parser.add_argument("--ckks-verify-sum", action="store_true",
+                        help="secagg=ckks: decrypt only sums this hospital verified itself "
+                             "(node config ckks-verify-sum=true; runs need secagg.verify_sum)")
     parser.add_argument("--max-retries", type=int, default=30,
                         help="connection attempts before giving up (default 30)")
     parser.add_argument("--max-wait-time", type=float, default=600.0,
@@ -438,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
             raise DeployError("--least-privilege: this SuperNode " + "; ".join(problems))
         for problem in problems:
             print(f"warning: this SuperNode {problem}", file=sys.stderr, flush=True)
+        if args.ckks_secret_context is not None:
+            require_file(args.ckks_secret_context, "CKKS secret context (--ckks-secret-context)")
         if not args.skip_probe:
             probe_superlink(args.superlink, args.ca.expanduser(), args.max_retries,
                             args.max_wait_time)
