@@ -1,6 +1,6 @@
 """secagg=ckks in the real deployment: SuperLink (TLS, SuperNode authentication) + SuperNodes.
 
-Set up only with scripts/deploy (tests/deploy_harness.py): the key ceremony
+Set up only with scripts/deploy (tests/deploy_harness.py, all on 127.0.0.1): the key ceremony
 (``ckks_keys.py create``) runs outside the SuperLink's folders; each hospital's SuperNode gets
 its copy of the secret context through ``supernode.py --ckks-secret-context`` and insists on
 verified sums (``--ckks-verify-sum``); the run pins the consortium key's SHA-256. The server
@@ -11,16 +11,14 @@ completes with every hospital in every round's sum.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.deploy_harness import Federation, ProcessRunner, port_is_free, run_folder
+from tests.deploy_harness import Federation, ProcessRunner, deploy_env, run_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -30,16 +28,8 @@ RUN_TIMEOUT_S = 600
 
 @pytest.fixture
 def federation(tmp_path: Path, shared_data: Path) -> Iterator[Federation]:
-    """A SuperLink and nothing else yet; every process started here is stopped afterwards."""
-    env = {
-        **os.environ,
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
-    env.pop("FLWR_HOME", None)
-    runner = ProcessRunner(tmp_path / "logs", env)
+    """The centre (proxy + SuperLink) on 127.0.0.1; everything stopped afterwards."""
+    runner = ProcessRunner(tmp_path / "logs", deploy_env())
     fed = Federation(root=tmp_path, data_dir=shared_data / "heart_disease", runner=runner)
     try:
         fed.make_pki(HOSPITALS, unregistered=[])
@@ -47,9 +37,7 @@ def federation(tmp_path: Path, shared_data: Path) -> Iterator[Federation]:
         fed.register(HOSPITALS)
         yield fed
     finally:
-        runner.stop_all()
-        leftovers = runner.describe(runner.tagged_pids())
-        bound = sorted(p for p in fed.ports if not port_is_free(p))
+        leftovers, bound = fed.teardown()
         assert not leftovers, f"processes left running: {leftovers}"
         assert not bound, f"ports still bound after teardown: {bound}"
 
@@ -92,5 +80,5 @@ def test_ckks_run_with_tls_node_auth_and_a_key_ceremony(federation: Federation,
     assert "verified and added by the decrypting hospitals" in log
     # the server side holds no secret context: nothing under the SuperLink's folders is one
     secret = (ceremony / "ckks-secret-context.bin").read_bytes()
-    for path in [*fed.workdir.rglob("*"), *(tmp_path / "superlink-state").rglob("*")]:
+    for path in [*fed.workdir.rglob("*"), *fed.state_dir.rglob("*")]:
         assert not (path.is_file() and path.read_bytes() == secret), path
