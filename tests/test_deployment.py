@@ -478,6 +478,7 @@ def test_state_is_private_and_telemetry_is_off(federation: Federation) -> None:
     files = [state / n for n in ("state.db", "superexec.secret", "Caddyfile", "superlink.pids")]
     files += [p for p in state.glob("state.db-*")]
     files += [fed.root / f"supernode-state-{site}" / "superexec.secret" for site in HOSPITALS]
+    files.append(fed.registry)  # the site registry node_keys.py keeps
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path}: {oct(path.stat().st_mode)}"
     assert "FLWR_TELEMETRY_ENABLED" not in fed.runner.env

@@ -137,7 +137,8 @@ def locked(path: Path) -> Iterator[None]:
 def _write_registry(path: Path, registry: dict[str, dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    # owner-only like every state file: who belongs to the consortium, and by which key
+    write_private(tmp, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)  # atomic: a crash never leaves half a registry
 
 
