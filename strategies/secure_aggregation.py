@@ -394,7 +394,15 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     record = secagg_record_of(msg)
     if msg.metadata.message_type != MessageType.TRAIN or record is None:
         return call_next(msg, context)
-    return option(str(record[OPTION_KEY])).client_mod(msg, context, call_next)
+
+    def inner(message: Message, ctx: Context) -> Message:
+        # the inner mods and the handler get the train message as without secure
+        # aggregation (Flower's clipping mods expect exactly one ConfigRecord)
+        if SECAGG_RECORD in message.content:
+            del message.content[SECAGG_RECORD]
+        return call_next(message, ctx)
+
+    return option(str(record[OPTION_KEY])).client_mod(msg, context, inner)
 
 
 def has_update(reply: Message) -> bool:

@@ -297,3 +297,33 @@ def test_fedbn_site_local_layers_are_not_in_the_sum() -> None:
     want, _ = _round(strategies.build(compose_config("fedbn=true"), 3),
                      site_grid(3, [keep_bias_local]), 1, arrays)
     assert _max_diff(got, want) <= _bound(cfg) + 1e-6
+
+
+def test_central_dp_client_side_clipping_before_masking_noise_once() -> None:
+    """privacy=central_dp_client: each site clips (Flower's fixedclipping_mod, inside the
+    secure-aggregation mod) before masking; the DP wrapper adds noise once, to the unmasked
+    average, calibrated to the m sites in the sum; the result equals plain central DP's."""
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    from strategies.budget import STATUS_TRAINED, spend_record
+
+    def report(msg, context, call_next):  # the central-DP report a site's handler adds
+        reply = call_next(msg, context)
+        reply.content["privacy"] = spend_record({"status": STATUS_TRAINED})
+        return reply
+
+    dp = "privacy=central_dp_client privacy.noise_multiplier=1e-9"
+    cfg = compose_config(f"{dp} secagg=secaggplus")
+    secure = strategies.build(cfg, 4)
+    grid = site_grid(4, [secure_aggregation_mod, report, fixedclipping_mod])
+    arrays = _model()
+    got, _ = _round(secure, grid, 1, arrays)
+    plain = strategies.build(compose_config(dp), 4)
+    want, _ = _round(plain, site_grid(4, [report, fixedclipping_mod]), 1, arrays)
+    assert _max_diff(got, want) <= _bound(cfg) + 1e-6
+    # the updates were clipped to C = 1 (they are much longer): the mean moved by <= 1
+    moved = np.sqrt(sum(np.sum((got[k].numpy() - arrays[k].numpy()) ** 2.0) for k in arrays))
+    assert 0.1 < moved <= 1.0 + 1e-3
+    wrapper = secure.strategy.strategy  # SecAgg -> PrivacyGuard -> Flower's DP wrapper
+    assert wrapper.num_sampled_clients == 4
+    assert wrapper.last_noise_stdv == pytest.approx(1e-9 * 1.0 / 4)
