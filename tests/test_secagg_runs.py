@@ -36,6 +36,9 @@ def flwr_local(tmp_path: Path):
         assert proc.returncode == 0, log[-4000:]
         folder = Path(log.split("fedclinic: run folder: ")[-1].split()[0])
         assert folder.parent == out
+        # `flwr run` exits 0 even when the ServerApp failed: the run's own status says
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["status"] == "completed", (summary.get("reason"), log[-3000:])
         return folder, log
 
     yield run
