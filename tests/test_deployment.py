@@ -361,13 +361,14 @@ def test_key_rotation_by_one_command(federation: Federation) -> None:
 def test_secure_aggregation_across_real_supernodes(federation: Federation, tmp_path: Path) -> None:
     """secagg=secaggplus over TLS + SuperNode authentication: key advertisement, share
     exchange, masked training and unmasking travel as real messages between the SuperLink
-    and the hospitals' SuperNodes; the server ends with the aggregate of all three."""
+    and the hospitals' SuperNodes (each one a fresh ClientApp process: one round, 6 of
+    them per hospital); the server ends with the aggregate of all three."""
     fed = federation
     output_dir = tmp_path / "runs"
-    overrides = (f"task=heart_disease num_rounds=2 min_sites=3 secagg=secaggplus "
-                 f"output_dir={output_dir}")
+    overrides = (f"task=heart_disease num_rounds=1 min_sites=3 secagg=secaggplus "
+                 f"{REGISTRY} output_dir={output_dir}")
     proc = fed.submit("run-secagg", overrides)
-    rc = _wait_exit(proc, RUN_TIMEOUT_S)
+    rc = _wait_exit(proc, 2 * RUN_TIMEOUT_S)
     log = fed.runner.log("run-secagg")
     folder = run_folder(output_dir)
     assert rc == 0 and folder is not None, log
@@ -375,11 +376,9 @@ def test_secure_aggregation_across_real_supernodes(federation: Federation, tmp_p
     assert summary["status"] == "completed", summary
     assert summary["secure_aggregation"] == "secaggplus"
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2
-    for line in lines:
-        assert line["aggregated_sites"] == sorted(HOSPITALS), line
-    assert "secure aggregation (secaggplus): round 2 sum of 3 site(s) unmasked" in log, log
-    assert summary["mean_site_accuracy"] >= 0.7, summary
+    assert len(lines) == 1 and lines[0]["aggregated_sites"] == sorted(HOSPITALS), lines
+    assert "secure aggregation (secaggplus): round 1 sum of 3 site(s) unmasked" in log, log
+    assert summary["mean_site_accuracy"] >= 0.65, summary
 
 
 def _runs_at_the_centre(fed: Federation) -> list[dict[str, object]]:
