@@ -60,7 +60,7 @@ def model_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _chain(strategy: Strategy) -> list[Any]:
+def chain(strategy: Strategy) -> list[Any]:
     """The strategy and everything it wraps, outermost first."""
     nodes, node = [], strategy
     while node is not None and all(node is not n for n in nodes):
@@ -95,7 +95,7 @@ def _from_saveable(value: Any) -> Any:
 def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
     """The round-to-round state of every strategy in the chain (one dict each)."""
     states = []
-    for node in _chain(strategy):
+    for node in chain(strategy):
         own = getattr(type(node), "checkpoint_state", None)
         state = dict(own(node)) if callable(own) else {}
         for attr in FLOWER_STATE_ATTRS:
@@ -107,12 +107,12 @@ def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
 
 def restore_strategy(strategy: Strategy, states: list[dict[str, Any]]) -> None:
     """Put ``strategy_state`` back into a freshly built chain of the same shape."""
-    chain = _chain(strategy)
-    names = [type(n).__name__ for n in chain]
+    nodes = chain(strategy)
+    names = [type(n).__name__ for n in nodes]
     if names != [s["class"] for s in states]:
         raise ValueError(f"the checkpoint's strategy chain {[s['class'] for s in states]} "
                          f"differs from this run's {names}")
-    for node, saved in zip(chain, states, strict=True):
+    for node, saved in zip(nodes, states, strict=True):
         state = dict(saved["state"])
         for attr in FLOWER_STATE_ATTRS:
             if attr in state:
@@ -149,11 +149,12 @@ class Checkpoint:
     model_sha256: str
     strategy: list[dict[str, Any]]
     rng: dict[str, Any]
+    audit_sha256: str | None = None  # the audit trail's newest line (fl_app/audit.py)
 
     def to_dict(self) -> dict[str, Any]:
         """The saveable form."""
         return {"round": self.server_round, "model_sha256": self.model_sha256,
-                "strategy": self.strategy, "rng": self.rng}
+                "strategy": self.strategy, "rng": self.rng, "audit_sha256": self.audit_sha256}
 
 
 def load_checkpoint(run_dir: Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
@@ -218,9 +219,11 @@ def save_round_model(run: RunFolder, server_round: int,
     return model_sha256(state_dict)
 
 
-def commit_round(run: RunFolder, server_round: int, sha256: str, strategy: Strategy) -> None:
+def commit_round(run: RunFolder, server_round: int, sha256: str, strategy: Strategy,
+                 audit_sha256: str | None = None) -> None:
     """Write ``state.pt`` (last, atomically): from now on a resume starts after this round."""
-    ckpt = Checkpoint(server_round, sha256, strategy_state(strategy), rng_state())
+    ckpt = Checkpoint(server_round, sha256, strategy_state(strategy), rng_state(),
+                      audit_sha256)
     run.save_model(STATE_FILE, ckpt.to_dict())
 
 

@@ -14,12 +14,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from fl_app import faults
+from fl_app.audit import AuditTrail
 from fl_app.checkpoint import (
     RoundOffset,
+    chain,
     commit_round,
     resume_point,
     save_round_model,
@@ -74,9 +76,11 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
         return _experiment(grid, cfg, folders.append)
     except Exception as err:
         if folders and "summary.json" not in folders[0].written:
+            reason = str(err) or type(err).__name__
+            head = AuditTrail(folders[0]).append("end", status="failed", reason=reason)
             folders[0].write_json("summary.json", {
                 "task": cfg.task.name, "strategy": cfg.strategy.name, "status": "failed",
-                "reason": str(err) or type(err).__name__, "run_dir": str(folders[0].path),
+                "reason": reason, "run_dir": str(folders[0].path), "audit_sha256": head,
             })
         raise
 
@@ -100,6 +104,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     injected = faults.check(cfg, {f.name: f.simulated for f in claims})
     run = RunFolder.open(Path(cfg.resume)) if cfg.get("resume") else RunFolder.create(cfg)
     created(run)
+    audit = AuditTrail(run)
+    if not cfg.get("resume"):
+        audit.start()
     # after the folder exists: if too few sites are accepted, summary.json says who was refused
     facts, refused = _accepted_sites(claims, cfg)
     app = app_identity(grid)
@@ -171,6 +178,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
                if cfg.get("resume") else None)
     if resumed is not None:
         latest["arrays"], history[:] = resumed.arrays, resumed.history
+        audit.append("resume", after_round=resumed.done)
+    aggregation = " > ".join(type(node).__name__ for node in chain(strategy))
+    dp = OmegaConf.to_container(cfg.privacy)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -198,7 +208,9 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         state_dict = arrays.to_torch_state_dict()
         run.save_model("checkpoints/latest.pt", state_dict)
         model_sha = save_round_model(run, server_round, state_dict)
-        commit_round(run, server_round, model_sha, strategy)  # resume starts after this round
+        head = audit.round(server_round, line, guard.exchanges, aggregation, dp,
+                           ledger.last_lines, model_sha)
+        commit_round(run, server_round, model_sha, strategy, head)  # resume goes on from here
         _log_round(line, cfg.num_rounds)
         collector.reset()
         # SiteFailure (caught below, summary.json still written); a round validation skipped
@@ -237,6 +249,8 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
     outcome = {**_outcome(guard, stopped), "refused_nodes": [r.as_dict() for r in refused],
                "app": app}
+    outcome["audit_sha256"] = audit.append("end", status=outcome["status"],
+                                           reason=outcome["reason"])
     _finish(run, cfg, final, history, ledger, outcome)
     if stopped is not None:
         raise SiteFailure(f"{stopped}. The {len(history)} completed round(s) are in {run.path}")

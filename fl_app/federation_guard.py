@@ -62,6 +62,8 @@ class FederationGuard(Grid):
         self.wait_s = float(wait_s)
         self.policy = policy
         self.failures: list[FailureRecord] = []
+        # per exchange: round, stage, sites asked and sites that answered (the audit trail)
+        self.exchanges: list[dict[str, Any]] = []
         self._lost: set[int] = set()
         self._short_since: float | None = None
 
@@ -158,6 +160,13 @@ class FederationGuard(Grid):
             new.append(FailureRecord(server_round, stage, self.sites.get(node, str(node)),
                                      node, reason))
         self.failures += new
+        failed = {f.node_id for f in new}
+        asked = [m.metadata.dst_node_id for m in messages]
+        self.exchanges.append({
+            "round": server_round, "stage": stage,
+            "asked": sorted(self.sites.get(n, str(n)) for n in asked),
+            "answered": sorted(self.sites.get(n, str(n)) for n in asked if n not in failed),
+        })
         for f in new:
             log(WARNING, "fedclinic: round %d %s: no result from site %s: %s",
                 f.round, f.stage, f.site, f.reason)

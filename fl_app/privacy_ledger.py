@@ -40,12 +40,14 @@ class PrivacyLedger:
         self.run = run
         self.cfg = cfg
         self.guard = find_guard(strategy)
+        self.last_lines: list[dict[str, Any]] = []  # the lines of the latest flush
 
     def flush(self) -> int:
         """Append the lines gathered since the last flush; return how many."""
         if self.guard is None:
             return 0
         lines = self.guard.pop_ledger()
+        self.last_lines = lines
         if lines:
             self.run.append_jsonl(LEDGER_FILE, *lines)
         return len(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -91,6 +92,20 @@ class RunFolder:
         if len(kept) != len(records):
             self.write_text(name, "".join(line + "\n" for line in self._jsonl[name]))
         return kept
+
+    def append_chained(self, name: str, record: dict[str, Any]) -> str:
+        """Append ``record`` to a hash-chained JSON-lines file (audit.jsonl) with its position
+        ``seq`` and ``prev_sha256`` (SHA-256 of the previous line; 64 zeros for the first);
+        return the SHA-256 of the new line."""
+        lines = self._jsonl.setdefault(name, self._existing_lines(name))
+        prev = hashlib.sha256(lines[-1].encode()).hexdigest() if lines else "0" * 64
+        self.append_jsonl(name, {**record, "seq": len(lines), "prev_sha256": prev})
+        return hashlib.sha256(self._jsonl[name][-1].encode()).hexdigest()
+
+    def chain_head(self, name: str) -> str | None:
+        """SHA-256 of the last line of a hash-chained file (None when empty)."""
+        lines = self._jsonl.setdefault(name, self._existing_lines(name))
+        return hashlib.sha256(lines[-1].encode()).hexdigest() if lines else None
 
     def write_text(self, name: str, text: str) -> Path:
         """Atomically write a text file inside the run folder."""

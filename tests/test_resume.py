@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_app.audit import verify
 from fl_app.checkpoint import STATE_FILE
 from strategies.accounting import epsilon
 
@@ -81,6 +82,12 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path: Path) -> None:
     assert rounds == [1, 2, 3, 4]
     for key in ("accuracy", "auc", "loss"):
         assert summary["pooled"][key] == pytest.approx(expected["pooled"][key], abs=TOLERANCE)
+    # the audit trail of the killed and resumed run verifies, the restart recorded in it
+    report = verify(folder)
+    assert report.intact, report.problem
+    assert {"event": "resume", "after_round": killed_at}.items() <= next(
+        e for e in report.entries if e["event"] == "resume").items()
+    assert report.models_checked == 4
     final = torch.load(folder / "final_model.pt", weights_only=True)
     ref = torch.load(ref_folder / "final_model.pt", weights_only=True)
     for name, tensor in ref.items():
