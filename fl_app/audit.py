@@ -83,7 +83,7 @@ class AuditTrail:
         return self.append(
             "round", round=server_round,
             exchanges=[e for e in exchanges if e["round"] == server_round],
-            rejected=line.get("rejected") or {},
+            rejected=line.get("rejected") or {}, skipped=line.get("skipped"),
             aggregation=aggregation, dp=dp,
             epsilon={x["site"]: x.get("epsilon") for x in ledger_lines
                      if x.get("round") == server_round},
@@ -216,6 +216,8 @@ def _describe_entry(entry: dict[str, Any]) -> str:
                            for s in entry.get("exchanges", []))
         rejected = entry.get("rejected") or {}
         why = ", ".join(f"{s}: {r}" for s, r in sorted(rejected.items())) or "none"
+        if entry.get("skipped"):
+            why += f"; round skipped: {entry['skipped']}"
         eps = entry.get("epsilon") or {}
         eps_text = (", ".join(f"{s} {e:.3f}" for s, e in sorted(eps.items()) if e is not None)
                     or "n/a")
