@@ -71,10 +71,10 @@ from strategies.secure_aggregation import (
 )
 
 # CKKS parameters of the consortium key (fixed at the key ceremony; the context carries them).
-# N = 8192 gives 4096 slots per ciphertext and 128-bit security for a 200-bit modulus; the
-# 60-40-40-60 chain leaves 20 bits above the scale for the integer part of the encoded values
-# after the special prime, far more than weighted updates need; scale 2^40 keeps the encoding
-# error near 1e-8 per value (measured: docs/privacy.md).
+# N = 8192 gives 4096 slots per ciphertext and 128-bit security for the 200-bit modulus of the
+# 60-40-40-60 chain. Only additions are computed (no rescaling), so a ciphertext keeps its
+# 140-bit modulus and values far beyond any weighted update decode (checked up to 1e15); scale
+# 2^40 keeps the absolute error near 1e-8 per value (measured: docs/privacy.md).
 POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 GLOBAL_SCALE_BITS = 40
