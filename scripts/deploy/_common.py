@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,3 +117,14 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise DeployError(f"address '{address}' must be host:port, e.g. superlink.example.org:9093")
     return host.strip("[]"), int(port)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:  # type: ignore[type-arg]
+    """SIGTERM ``proc`` if it still runs, wait up to ``grace_s``, then SIGKILL; reaped after."""
+    if proc.poll() is None:
+        proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DeployError, fail, flower_env, flower_executable
+from _common import DeployError, fail, flower_env, flower_executable, stop_process
 from run_status import RunStatus, run_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,12 +196,7 @@ def ssh_tunnel(host: str, tunnel_port: int, link_port: int,
             time.sleep(0.3)
         yield
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,6 +58,7 @@ from _common import (
     private_dir,
     require_file,
     split_address,
+    stop_process,
 )
 
 EXIT_FAILED, EXIT_SETUP, EXIT_UNREACHABLE, EXIT_CERTIFICATE = 1, 2, 3, 4
@@ -389,13 +390,7 @@ def run_supervised(command: list[str], hints: dict[str, str], helper: list[str],
         reader.start()
     rc = child.wait()
     readers[0].join(timeout=2.0)
-    if superexec.poll() is None:  # no ClientApp can start without the SuperNode
-        superexec.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        superexec.wait(timeout=10)
-    if superexec.poll() is None:
-        superexec.kill()
-        superexec.wait()
+    stop_process(superexec)  # no ClientApp can start without the SuperNode
     if adopted:
         _stop_leftovers()
     status, reason = outcome(rc, seen, hints)
