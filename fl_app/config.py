@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from fl_app.config_json import from_json, to_json
+from fl_app.errors import ConfigError
 from fl_app.schema import GROUPS, register
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -27,10 +28,6 @@ CONFIG_NAME = "config"
 __all__ = ["ConfigError", "compose_config", "from_json", "resolve", "to_json"]
 
 register()  # the typed schema of every config group option (fl_app/schema/)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with a message meant for the person who wrote it."""
 
 
 def parse_overrides(overrides: str | list[str] | None) -> list[str]:

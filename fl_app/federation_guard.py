@@ -25,7 +25,7 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_app.config import ConfigError
+from fl_app.errors import ConfigError
 from fl_app.sites import FederationError, error_reason
 
 POLICIES = ("continue", "stop")

@@ -14,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fl_app.config import to_json
+from fl_app.config_json import to_json
 from fl_app.site_runtime import CONFIG_KEY
 from tasks import Task
 from tasks.federated_stats import combine_moments

@@ -49,7 +49,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from omegaconf import DictConfig
 
-from fl_app.config import ConfigError
+from fl_app.errors import ConfigError
 from fl_app.federation_guard import SiteFailure
 from strategies.budget import STATUS_EXHAUSTED, mechanism, read_spend
 from strategies.wrapper import StrategyWrapper
