@@ -52,7 +52,7 @@ from omegaconf import DictConfig
 from fl_app.errors import ConfigError
 from fl_app.federation_guard import SiteFailure
 from strategies.budget import STATUS_EXHAUSTED, mechanism, read_spend
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import StrategyWrapper, innermost
 
 NONE = "none"
 # option name -> module defining ``OPTION`` (a SecureAggregationOption); imported when chosen
@@ -172,17 +172,9 @@ def wrap_secure_aggregation(strategy: Strategy, cfg: DictConfig) -> Strategy:
     return strategy if name == NONE else option(name).wrap(strategy, cfg)
 
 
-def base_aggregator(strategy: Strategy) -> Strategy:
-    """The innermost strategy under a chain of wrappers (each keeps it as ``.strategy``)."""
-    seen = strategy
-    while isinstance(getattr(seen, "__dict__", {}).get("strategy"), Strategy):
-        seen = seen.__dict__["strategy"]
-    return seen
-
-
 def weight_key_of(strategy: Strategy) -> str:
     """The MetricRecord key the base aggregator weights replies by."""
-    base = base_aggregator(strategy)
+    base = innermost(strategy)
     return str(base.weighted_by_key) if isinstance(base, FedAvg) else "num-examples"
 
 
