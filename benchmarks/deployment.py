@@ -5,8 +5,9 @@ SuperNode authentication, the four UCI heart-disease hospitals registered and st
 ``scripts/deploy``), submits one heart-disease run with ``scripts/deploy/submit.py --stream``
 and times, from the processes' own log lines (stamped as they appear):
 
-- the seconds from submission to the end of the query round, and per training round
-  (end of round r-1 to end of round r, read from the ServerApp's ``[round r/N]`` line);
+- the seconds from submission to the start of round 1, and per round (from Flower's
+  ``[ROUND r/N]`` line to the next one; the last round ends at ``Strategy execution
+  finished``), the same for any version of the app;
 - per message, at each SuperNode: from ``Receiving: <type> message`` to ``Sent successfully``
   (SuperExec's poll, the ``flwr-clientapp`` process start, the handler, the reply);
 - the import time of the ClientApp module (``python -X importtime -c "import
@@ -54,7 +55,8 @@ from tests.deploy_harness import (
     run_folder,
 )
 
-ROUND_LINE = re.compile(r"\[round (\d+)/(\d+)\]")
+ROUND_START = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+STRATEGY_END = "Strategy execution finished"
 RECEIVING = re.compile(r"Receiving: (\w+) message")
 
 
@@ -103,14 +105,20 @@ class LogClock:
 
 
 def import_time(app: Path, repeats: int = 3) -> dict[str, Any]:
-    """Import time of ``fl_app.client_app`` from ``app``: -X importtime total and wall time."""
+    """Import time of ``fl_app.client_app`` from ``app``: wall and CPU seconds of
+    ``python -c "import fl_app.client_app"`` (CPU time barely depends on the machine's load),
+    and the -X importtime total."""
     env = {**os.environ, "PYTHONPATH": str(app)}
-    walls = []
+    walls, cpus = [], []
     for _ in range(repeats):
         start = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import fl_app.client_app"], env=env, check=True,
-                       cwd=app)
+        proc = subprocess.Popen([sys.executable, "-c", "import fl_app.client_app"], env=env,
+                                cwd=app)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, f"import failed in {app}"
         walls.append(time.monotonic() - start)
+        cpus.append(usage.ru_utime + usage.ru_stime)
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import fl_app.client_app"],
                           env=env, check=True, cwd=app, capture_output=True, text=True)
     cumulative_us: dict[str, int] = {}
@@ -123,6 +131,7 @@ def import_time(app: Path, repeats: int = 3) -> dict[str, Any]:
     return {
         "wall_s_median": round(statistics.median(walls), 3),
         "wall_s": [round(w, 3) for w in walls],
+        "cpu_s_median": round(statistics.median(cpus), 3),
         "importtime_s": round(cumulative_us.get("fl_app.client_app", 0) / 1e6, 3),
         "heavy_modules_imported": sorted(m for m in heavy if m in cumulative_us),
     }
@@ -144,6 +153,34 @@ def message_times(clock: LogClock, sites: list[str]) -> dict[str, list[float]]:
     return dict(out)
 
 
+def _stat(pid: int) -> tuple[int, list[str]] | None:
+    """(parent pid, the /proc/<pid>/stat fields after the command name), None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return int(fields[1]), fields
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds used by ``root`` and all its descendants so far, the exited ones included
+    (a reaped child's time is in its parent's cutime/cstime; a zombie still has its own)."""
+    stats = {int(e.name): st for e in Path("/proc").iterdir()
+             if e.name.isdigit() and (st := _stat(int(e.name))) is not None}
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _) in stats.items():
+        children[ppid].append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            fields = stats[pid][1]
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+            todo += children[pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_benchmark(app: Path, rounds: int, data: Path, root: Path) -> dict[str, Any]:
     """One federation, one run; the timings."""
     sites = list(HEART_FILES)
@@ -160,20 +197,22 @@ def run_benchmark(app: Path, rounds: int, data: Path, root: Path) -> dict[str, A
         overrides = f"task=heart_disease num_rounds={rounds} min_sites=4 output_dir={output_dir}"
         clock = LogClock({**{s: runner.logs[s] for s in sites},
                           "run": runner.log_dir / "run.log"})
+        cpu_before = {s: tree_cpu_s(runner.procs[s].pid) for s in sites}
         started = time.monotonic()
         proc = fed.submit("run", overrides, app=app)
         rc = proc.wait(timeout=600 + 120 * rounds)
         ended = time.monotonic()
         clock.stop()
+        cpu = {s: round(tree_cpu_s(runner.procs[s].pid) - cpu_before[s], 2) for s in sites}
         zombies = fed.zombies("flwr-clientapp")
     finally:
         runner.stop_all()
-    ends = {int(m.group(1)): t for t, n, line in clock.lines
-            if n == "run" and (m := ROUND_LINE.search(line))}
-    query_done = clock.first("run", "fedclinic: task=")
+    starts = {int(m.group(1)): t for t, n, line in clock.lines
+              if n == "run" and (m := ROUND_START.search(line))}
+    first_round = starts.get(1)
     folder = run_folder(output_dir)
     summary = json.loads((folder / "summary.json").read_text()) if folder else {}
-    marks = [query_done, *[ends.get(r) for r in range(1, rounds + 1)]]
+    marks = [*[starts.get(r) for r in range(1, rounds + 1)], clock.first("run", STRATEGY_END)]
     per_round = [round(b - a, 2) if a is not None and b is not None else None
                  for a, b in itertools.pairwise(marks)]
     messages = message_times(clock, sites)
@@ -183,16 +222,19 @@ def run_benchmark(app: Path, rounds: int, data: Path, root: Path) -> dict[str, A
         "mean_site_accuracy": summary.get("mean_site_accuracy"),
         "rounds": rounds,
         "total_s": round(ended - started, 2),
-        "submit_to_query_done_s": round(query_done - started, 2) if query_done else None,
+        "submit_to_first_round_s": round(first_round - started, 2) if first_round else None,
         "per_round_s": per_round,
         "mean_round_s": round(statistics.mean(r for r in per_round if r is not None), 2)
         if any(r is not None for r in per_round) else None,
         "per_message_s": {k: {"n": len(v), "median": round(statistics.median(v), 2),
                               "max": max(v)} for k, v in messages.items()},
-        "messages_per_round_per_site": {k: round(len(v) / len(sites) / (1 if k == "query"
-                                                                       else rounds), 2)
-                                        for k, v in messages.items()},
+        "messages_per_site": {k: len(v) / len(sites) for k, v in messages.items()},
         "zombie_clientapps_after_run": zombies,
+        # CPU seconds of each hospital's SuperNode, SuperExec and ClientApps during the run:
+        # what a round costs whatever else the machine is doing
+        "hospital_cpu_s": cpu,
+        "hospital_cpu_s_per_message": round(sum(cpu.values()) / max(1, sum(
+            len(v) for v in messages.values())), 2),
     }
 
 
@@ -211,20 +253,23 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += [f"## {label}", "", f"- app: `{r['app']}` (measured {r['when']}, load before "
                   f"{r['machine_before']['load_avg_1_5_15']}, after "
                   f"{r['machine_after']['load_avg_1_5_15']}, {r['machine_before']['cpus']} CPUs)",
-                  f"- import fl_app.client_app: {imp['wall_s_median']} s wall (median of "
-                  f"{len(imp['wall_s'])}), -X importtime {imp['importtime_s']} s; heavy modules: "
+                  f"- import fl_app.client_app: {imp['wall_s_median']} s wall, "
+                  f"{imp.get('cpu_s_median')} s CPU (medians of {len(imp['wall_s'])}), "
+                  f"-X importtime {imp['importtime_s']} s; heavy modules: "
                   f"{', '.join(imp['heavy_modules_imported']) or 'none'}",
+                  f"- CPU seconds of the hospitals' processes during the run: "
+                  f"{d.get('hospital_cpu_s')}, {d.get('hospital_cpu_s_per_message')} per message",
                   f"- run: exit {d['rc']}, status {d['status']}, mean site accuracy "
-                  f"{d['mean_site_accuracy']}, total {d['total_s']} s, submission to end of "
-                  f"query round {d['submit_to_query_done_s']} s",
+                  f"{d['mean_site_accuracy']}, total {d['total_s']} s, submission to the start of "
+                  f"round 1 {d['submit_to_first_round_s']} s",
                   f"- zombie flwr-clientapp processes after the run: "
                   f"{d['zombie_clientapps_after_run']}", "",
                   "| round | seconds |", "|---|---|"]
         lines += [f"| {i} | {s} |" for i, s in enumerate(d["per_round_s"], 1)]
         lines += [f"| mean | {d['mean_round_s']} |", "",
-                  "| message | count | per site per round | median s | max s |",
+                  "| message | count | per site | median s | max s |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {d['messages_per_round_per_site'][k]} | {v['median']} | "
+        lines += [f"| {k} | {v['n']} | {d['messages_per_site'][k]} | {v['median']} | "
                   f"{v['max']} |" for k, v in d["per_message_s"].items()]
         lines.append("")
     return "\n".join(lines)

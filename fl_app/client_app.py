@@ -8,6 +8,7 @@ split). Only model weights and metrics leave the site.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,7 @@ from fl_app import faults
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
+from strategies.evaluate_in_train import EVALUATE_KEY, EVALUATION_RECORD
 from strategies.fedbn import fedbn_mod
 from strategies.secure_aggregation import secure_aggregation_mod
 from strategies.site_privacy import SitePrivacy, weight_metrics
@@ -69,16 +71,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": ConfigRecord({"facts": json.dumps(facts)})}), reply_to=msg)
 
 
+def _evaluation(session: SiteSession, model: torch.nn.Module,
+                threshold_logit: float | None = None) -> dict[str, Any]:
+    """What an evaluate reply holds for ``model`` (tasks.engine.evaluate_site)."""
+    metrics = engine.evaluate_site(model, session.site(), session.device,
+                                   session.task.extra_metrics, threshold_logit)
+    return metrics | weight_metrics(session.cfg)
+
+
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's training split; reply with weights and metrics.
 
     Under differential privacy the site trains only while its budget lasts (else it answers
     "budget_exhausted"), trains with DP-SGD for local DP, and reports its privacy spend.
+    When the server asks (``evaluate-received``, strategies/evaluate_in_train.py), the site
+    first evaluates the model it received, as an evaluate message would, and adds the metrics
+    to the reply: one ClientApp process instead of two.
     """
     session = SiteSession(msg, context.node_config)
     site, cfg = session.site(), session.cfg
     model = _model(session, msg)
+    evaluation = ({EVALUATION_RECORD: ConfigRecord(_evaluation(session, model))}
+                  if EVALUATE_KEY in msg.content["config"] else {})
     server_round = int(msg.content["config"].get("server-round", 0))
     train_data = faults.training_data(cfg, session.ref.name, site.train, site.num_classes)
     loader = engine.make_loader(
@@ -86,7 +101,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device)
     if (refusal := privacy.refusal(msg.content["config"])) is not None:
-        content = privacy.refusal_reply(msg, refusal, {SITE_RECORD: _site_record(session)})
+        content = privacy.refusal_reply(msg, refusal,
+                                        {SITE_RECORD: _site_record(session), **evaluation})
         return Message(content, reply_to=msg)
     optimizer = engine.make_optimizer(model, cfg.task)
     model, optimizer, loader = privacy.private(model, optimizer, loader)
@@ -102,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": metrics,
         SITE_RECORD: _site_record(session),
         **privacy.records(),
+        **evaluation,
     })
     return Message(content, reply_to=msg)
 
@@ -112,11 +129,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     groups of its validation split, from which the server picks the operating threshold);
     with ``threshold-logit`` in the config, at that threshold instead of argmax."""
     session = SiteSession(msg, context.node_config)
-    site = session.site()
-    model = _model(session, msg)
     threshold = msg.content["config"].get("threshold-logit")  # set after the last round
-    metrics = engine.evaluate_site(model, site, session.device, session.task.extra_metrics,
-                                   None if threshold is None else float(threshold))
-    metrics |= weight_metrics(session.cfg)
+    metrics = _evaluation(session, _model(session, msg),
+                          None if threshold is None else float(threshold))
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
     return Message(content, reply_to=msg)

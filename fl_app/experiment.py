@@ -52,7 +52,9 @@ from fl_app.sites import (
     wait_for_stable_nodes,
 )
 from fl_app.threshold import rule_of
+from strategies import evaluate_in_train
 from strategies.budget import PrivacyStop
+from strategies.factory import WEIGHT_KEY
 from strategies.secure_aggregation import check_secure_aggregation, secagg_name
 from strategies.validation import round_rejections, skipped_reason
 from tasks import get_task
@@ -159,6 +161,13 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         node_sites=node_sites,
         train_sizes={f.name: f.num_train for f in facts},
     )
+    # evaluate_in_train: a round's evaluation comes with the next round's train replies
+    # (strategies/evaluate_in_train.py); its metrics.jsonl line waits for it in `pending`
+    deferred = SiteMetricsCollector()
+    if evaluate_in_train.enabled(cfg):
+        strategy = evaluate_in_train.EvaluateInTrain(
+            strategy, cfg.num_rounds,
+            lambda _round, replies: deferred.evaluate(replies, WEIGHT_KEY))
     ledger = PrivacyLedger(run, cfg, strategy)
     # Rounds see only the sites queried above, and a hospital that drops out never hangs the
     # server: on_site_failure decides between going on (while min_sites remain) and stopping.
@@ -181,6 +190,15 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         audit.append("resume", after_round=resumed.done)
     aggregation = " > ".join(type(node).__name__ for node in chain(strategy))
     dp = OmegaConf.to_container(cfg.privacy)
+    pending: list[dict[str, Any]] = []  # the previous round's line, waiting for its evaluation
+
+    def write_line(line: dict[str, Any], evaluated: SiteMetricsCollector | None = None) -> None:
+        if evaluated is not None:  # the evaluation arrived after the line was made
+            fresh = _round_line(int(line["round"]), evaluated, site_names)
+            line.update({k: fresh[k] for k in ("pooled", "per_site", "missing_sites")})
+        history.append(line)
+        run.append_jsonl("metrics.jsonl", line)
+        _log_round(line, cfg.num_rounds)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -203,15 +221,23 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         skipped = skipped_reason(strategy, server_round)
         if skipped is not None:
             line["skipped"] = skipped
-        history.append(line)
-        run.append_jsonl("metrics.jsonl", line)
+        for earlier in pending:  # evaluated in this round's train messages
+            write_line(earlier, deferred)
+        pending.clear()
+        deferred.reset()
         state_dict = arrays.to_torch_state_dict()
         run.save_model("checkpoints/latest.pt", state_dict)
         model_sha = save_round_model(run, server_round, state_dict)
         head = audit.round(server_round, line, guard.exchanges, aggregation, dp,
                            ledger.last_lines, model_sha)
-        commit_round(run, server_round, model_sha, strategy, head)  # resume goes on from here
-        _log_round(line, cfg.num_rounds)
+        if isinstance(strategy, evaluate_in_train.EvaluateInTrain) and line["train"] and \
+                server_round < cfg.num_rounds:
+            # evaluate_in_train: written once its evaluation arrives (next round); a round
+            # whose line is not written is not committed, so resume never skips a line
+            pending.append(line)
+        else:
+            write_line(line)
+            commit_round(run, server_round, model_sha, strategy, head)  # resume goes on from here
         collector.reset()
         # SiteFailure (caught below, summary.json still written); a round validation skipped
         # keeps the global model and goes on
@@ -239,11 +265,15 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
             ) if cfg.num_rounds > done else None
         final = result.arrays if result is not None else latest["arrays"]
     except PrivacyStop as stop:  # too few sites with privacy budget left: a clean, early end
-        log(INFO, "fedclinic: stopping after %d round(s): %s", len(history), stop)
+        log(INFO, "fedclinic: stopping after %d round(s): %s", len(history) + len(pending), stop)
         final = latest["arrays"]
     except SiteFailure as failure:  # a hospital dropped out: end cleanly, keep what was done
-        log(ERROR, "fedclinic: stopping after %d round(s): %s", len(history), failure)
+        log(ERROR, "fedclinic: stopping after %d round(s): %s", len(history) + len(pending),
+            failure)
         final, stopped = latest["arrays"], failure
+    if pending:  # the run ended early: evaluate the model of its last round now
+        _evaluate_last(strategy, pending[0], latest["arrays"], record, guard, cfg)
+        write_line(pending.pop(), collector)
     ledger.flush()
     if stopped is None and history and collector.threshold_logit is not None:
         _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
@@ -306,6 +336,18 @@ def app_identity(grid: Grid) -> dict[str, str]:
     ``submit.py`` prints), so a hospital can check which code ran."""
     run = getattr(grid, "run", None)
     return {key: str(getattr(run, key, "") or "") for key in ("fab_id", "fab_version", "fab_hash")}
+
+
+def _evaluate_last(strategy: Any, line: dict[str, Any], arrays: ArrayRecord,
+                   record: ConfigRecord, guard: FederationGuard, cfg: DictConfig) -> None:
+    """Evaluate the model of ``line``'s round with evaluate messages (evaluate_in_train, for a
+    run that ended before its last round); a site that cannot answer is missing from it."""
+    try:
+        strategy.evaluate_now(int(line["round"]), arrays, ConfigRecord(dict(record)), guard,
+                              cfg.round_timeout_s)
+    except SiteFailure as failure:  # the sites still there could not all answer
+        log(ERROR, "fedclinic: round %d's model could not be evaluated everywhere: %s",
+            line["round"], failure)
 
 
 def _outcome(guard: FederationGuard, stopped: SiteFailure | None) -> dict[str, Any]:

@@ -41,3 +41,4 @@ class Config:
     validation: Validation = field(default_factory=Validation)
     # site -> fault (simulation only; fl_app/faults.py)
     faults: dict[str, str] = field(default_factory=dict)
+    evaluate_in_train: bool = MISSING
