@@ -21,6 +21,8 @@ kept in ``DIR/deployment.json`` and ``DIR/deployment.md``.
     git archive 4755dd6 | tar -x -C /tmp/before
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.deployment --out outputs/bench_deploy \\
         --app /tmp/before --label before
+    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.deployment --out outputs/bench_deploy \\
+        --label evaluate-in-train --overrides evaluate_in_train=true
 
 Not a test: the numbers depend on the machine and its load (both are recorded).
 """
@@ -181,7 +183,8 @@ def tree_cpu_s(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def run_benchmark(app: Path, rounds: int, data: Path, root: Path) -> dict[str, Any]:
+def run_benchmark(app: Path, rounds: int, data: Path, root: Path, extra: str = ""
+                  ) -> dict[str, Any]:
     """One federation, one run; the timings."""
     sites = list(HEART_FILES)
     runner = ProcessRunner(root / "logs", deploy_env())
@@ -194,7 +197,8 @@ def run_benchmark(app: Path, rounds: int, data: Path, root: Path) -> dict[str, A
             fed.start_supernode(site, site)
         fed.wait_connected(sites)
         output_dir = root / "runs"
-        overrides = f"task=heart_disease num_rounds={rounds} min_sites=4 output_dir={output_dir}"
+        overrides = (f"task=heart_disease num_rounds={rounds} min_sites=4 "
+                     f"output_dir={output_dir} {extra}").strip()
         clock = LogClock({**{s: runner.logs[s] for s in sites},
                           "run": runner.log_dir / "run.log"})
         cpu_before = {s: tree_cpu_s(runner.procs[s].pid) for s in sites}
@@ -250,7 +254,8 @@ def to_markdown(results: dict[str, Any]) -> str:
              "", "Seconds; per message = `Receiving` to `Sent successfully` at a SuperNode.", ""]
     for label, r in results.items():
         d, imp = r["deployment"], r["import"]
-        lines += [f"## {label}", "", f"- app: `{r['app']}` (measured {r['when']}, load before "
+        lines += [f"## {label}", "", f"- app: `{r['app']}`, extra overrides "
+                  f"`{r.get('overrides') or '-'}` (measured {r['when']}, load before "
                   f"{r['machine_before']['load_avg_1_5_15']}, after "
                   f"{r['machine_after']['load_avg_1_5_15']}, {r['machine_before']['cpus']} CPUs)",
                   f"- import fl_app.client_app: {imp['wall_s_median']} s wall, "
@@ -282,16 +287,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app", type=Path, default=REPO, help="app folder (default: this repo)")
     parser.add_argument("--label", default="after", help="name of this measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--overrides", default="",
+                        help="more overrides for the run, e.g. evaluate_in_train=true (the "
+                             "app at --app must know the keys)")
     args = parser.parse_args(argv)
     data = data_root()
     if not (data / "heart_disease").is_dir():
         raise SystemExit(f"error: heart-disease data not found under {data}")
     app = args.app.resolve()
     before = machine()
-    result: dict[str, Any] = {"app": str(app), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    result: dict[str, Any] = {"app": str(app), "overrides": args.overrides,
+                              "when": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "machine_before": before, "import": import_time(app)}
     with tempfile.TemporaryDirectory(prefix="fedclinic-bench-") as tmp:
-        result["deployment"] = run_benchmark(app, args.rounds, data, Path(tmp))
+        result["deployment"] = run_benchmark(app, args.rounds, data, Path(tmp), args.overrides)
     result["machine_after"] = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "deployment.json"

@@ -53,10 +53,10 @@ def test_round_metrics_are_the_same_with_evaluation_inside_training(
         assert b["train"].keys() == a["train"].keys()
 
 
-def test_it_steps_aside_where_it_would_change_something() -> None:
-    """Partial participation or secure aggregation: evaluate messages as before."""
-    assert evaluate_in_train.enabled(compose_config("task=heart_disease"))
-    assert not evaluate_in_train.enabled(
-        compose_config("task=heart_disease strategy.fraction_evaluate=0.5"))
-    assert not evaluate_in_train.enabled(
-        compose_config("task=heart_disease evaluate_in_train=false"))
+def test_it_is_off_by_default_and_steps_aside_where_it_would_change_something() -> None:
+    """Off unless asked for; with partial participation (or secure aggregation) evaluate
+    messages as before."""
+    assert not evaluate_in_train.enabled(compose_config("task=heart_disease"))  # default
+    assert evaluate_in_train.enabled(compose_config("task=heart_disease evaluate_in_train=true"))
+    assert not evaluate_in_train.enabled(compose_config(
+        "task=heart_disease evaluate_in_train=true strategy.fraction_evaluate=0.5"))
