@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import ndtr
 
 from tasks.score_groups import SCORE_KEYS
 
@@ -162,3 +161,11 @@ def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[s
         "sensitivity": float(predicted[pos].mean()) if pos.any() else math.nan,
         "specificity": float((~predicted[neg]).mean()) if neg.any() else math.nan,
     }
+
+
+def ndtr(x: Any) -> Any:
+    """SciPy's standard normal CDF, imported on first use: this module is imported by every
+    ClientApp process, most of which never need SciPy (~0.3 s to import)."""
+    from scipy.special import ndtr as scipy_ndtr
+
+    return scipy_ndtr(x)
