@@ -210,7 +210,7 @@ def run_benchmark(app: Path, rounds: int, data: Path, root: Path, extra: str = "
         cpu = {s: round(tree_cpu_s(runner.procs[s].pid) - cpu_before[s], 2) for s in sites}
         zombies = fed.zombies("flwr-clientapp")
     finally:
-        runner.stop_all()
+        fed.teardown()  # the centre via superlink.py --stop, the rest by PID
     starts = {int(m.group(1)): t for t, n, line in clock.lines
               if n == "run" and (m := ROUND_START.search(line))}
     first_round = starts.get(1)
