@@ -14,9 +14,9 @@ import pytest
 from tests.deploy_harness import REPO, free_port
 from tests.flwr_cli import flwr_env, stop_superlink, superlink_pids
 
-# A run that fails after its folder exists: every site's training raises in round 1 and
-# on_site_failure=stop ends the run at the first failure.
-FAILING_RUN = "task.batch_size=0 on_site_failure=stop num_rounds=1"
+# A run that fails after its folder exists: site-0's ClientApp raises in round 1 (fault
+# injection) and on_site_failure=stop ends the run at the first failure.
+FAILING_RUN = "+faults.site-0=crash:1 on_site_failure=stop num_rounds=1"
 MISSING_DATA = "task=heart_disease task.data_dir=/nonexistent"
 
 
@@ -52,7 +52,7 @@ def test_python_m_fl_app_missing_data_and_failed_run_exit_non_zero(tmp_path: Pat
     (summary_file,) = tmp_path.glob("*/summary.json")
     summary = json.loads(summary_file.read_text())
     assert summary["status"] == "failed"
-    assert "batch_size" in summary["reason"] and summary["rounds_completed"] == 0
+    assert "site-0" in summary["reason"] and summary["rounds_completed"] == 0
 
 
 @pytest.fixture
