@@ -30,6 +30,13 @@ def run(tmp: Path, overrides: str) -> tuple[list[dict[str, Any]], dict[str, Any]
     return lines, json.loads((folder / "summary.json").read_text())
 
 
+def audit_rounds(tmp: Path) -> list[dict[str, Any]]:
+    """The round entries of the run's audit.jsonl (fl_app/audit.py)."""
+    (folder,) = tmp.iterdir()
+    entries = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
+    return [e for e in entries if e["event"] == "round"]
+
+
 @pytest.fixture(scope="module")
 def clean_accuracy(tmp_path_factory: pytest.TempPathFactory) -> float:
     lines, summary = run(tmp_path_factory.mktemp("clean"), "")
@@ -56,6 +63,10 @@ def test_validation_and_robust_aggregation_survive_bad_sites(
         assert "contains NaN" in line["rejected"]["site-3"]
         assert line["aggregated_sites"] == ["site-0", "site-1", "site-4"]
     assert summary["pooled"]["accuracy"] >= clean_accuracy - 0.02
+    # the audit trail names each rejection, round by round
+    audited = audit_rounds(tmp_path)
+    assert [e["round"] for e in audited] == [1, 2, 3]
+    assert all(e["rejected"] == line["rejected"] for e, line in zip(audited, lines, strict=True))
 
 
 def test_without_validation_the_faults_break_fedavg(tmp_path: Path, clean_accuracy: float) -> None:

@@ -26,6 +26,7 @@ from fl_app.config import compose_config, to_json
 from strategies.budget import PrivacyConfigError, spend_record
 from strategies.central_dp import _RoundNoise
 from strategies.robust import RobustConfigError
+from strategies.secure_aggregation import SecureAggregationConfigError, check_secure_aggregation
 from strategies.validation import (
     Reference,
     UpdateValidation,
@@ -326,3 +327,20 @@ def test_without_validation_the_same_faults_break_fedavg() -> None:
     with pytest.raises(ValueError):
         plain.aggregate_train(1, [reply(1, update()), reply(2, {**update(), "w": np.zeros(
             (2, 4), np.float32)})])
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multikrum", "bulyan"])
+def test_secure_aggregation_over_a_robust_aggregator_is_refused(name: str) -> None:
+    cfg = compose_config(f"strategy={name} secagg=secaggplus partition.num_sites=7")
+    with pytest.raises(SecureAggregationConfigError,
+                       match=f"secagg=secaggplus cannot be combined with strategy={name}") as err:
+        check_secure_aggregation(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_validation_is_off_under_secure_aggregation() -> None:
+    # the server sees only the sum: no single update to check (robust aggregators: refused)
+    cfg = compose_config("secagg=secaggplus partition.num_sites=5")
+    strategy = strategies.build(cfg, 5, node_sites=NODE_SITES, train_sizes=SIZES)
+    assert find(strategy, UpdateValidation) is None
+    assert type(innermost(strategy)) is FedAvg
