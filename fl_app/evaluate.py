@@ -67,6 +67,20 @@ def image_spec(cfg: Any) -> ImageTaskSpec:
     return spec
 
 
+def trained_size(cfg: Any, info: dict[str, Any], spec: ImageTaskSpec) -> int | None:
+    """The image size the model was trained on: sites.json's model facts, else the run's
+    ``task.image_size``, else the stored size of the run's own data set file."""
+    if info.get("image_size"):
+        return int(info["image_size"])
+    if cfg.task.get("image_size"):
+        return int(cfg.task.image_size)
+    dataset, folder = str(cfg.task.get("dataset")), cfg.task.get("data_dir")
+    if dataset in spec.files and folder and (Path(folder) / spec.files[dataset]).is_file():
+        with np.load(Path(folder) / spec.files[dataset]) as data:
+            return int(data["test_images"].shape[2])
+    return None
+
+
 def load_external(path: Path, cfg: Any, split: str | None) -> tuple[np.ndarray, np.ndarray]:
     """All images (or one ``split``) and raw labels of an npz file or an image folder."""
     if split is not None and split not in SPLITS:
@@ -138,7 +152,7 @@ def evaluate_external(run_dir: Path, data: Path, split: str | None = None,
         raise DataError(f"{data}: no images{f' in split {split}' if split else ''}")
     kept = spec.relabel(raw, cfg, str(data))  # a label of another task fails here, by name
     prepared = preprocess(images[kept.keep], cfg)
-    expected = info.get("image_size")
+    expected = trained_size(cfg, info, spec)
     if expected is not None and int(prepared.shape[-1]) != int(expected):
         raise DataError(
             f"{data}: images are {prepared.shape[-1]}x{prepared.shape[-2]} after the run's "
