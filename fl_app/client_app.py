@@ -21,6 +21,7 @@ from strategies.central_dp import make_clipping_mod
 from strategies.evaluate_in_train import EVALUATE_KEY, EVALUATION_RECORD
 from strategies.fedbn import fedbn_mod
 from strategies.secure_aggregation import secure_aggregation_mod
+from strategies.site_ledger import data_fingerprint
 from strategies.site_privacy import SitePrivacy, weight_metrics
 from tasks import DataError, engine
 
@@ -99,7 +100,10 @@ def train(msg: Message, context: Context) -> Message:
     loader = engine.make_loader(
         train_data, cfg.task.batch_size, shuffle=True, seed=cfg.seed + server_round
     )
-    privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device)
+    fingerprint = data_fingerprint(cfg, session.ref.name, session.ref.data_path)
+    privacy = SitePrivacy(cfg, session.ref.name, context, loader, session.device, fingerprint)
+    # a request outside the hospital's own limits is refused here (PrivacyRefused for
+    # privacy=none reaches the server as this site's error, with the reason)
     if (refusal := privacy.refusal(msg.content["config"])) is not None:
         content = privacy.refusal_reply(msg, refusal,
                                         {SITE_RECORD: _site_record(session), **evaluation})
@@ -117,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         "arrays": ArrayRecord(privacy.state_dict(model)),
         "metrics": metrics,
         SITE_RECORD: _site_record(session),
-        **privacy.records(),
+        **privacy.records(msg.content["config"]),
         **evaluation,
     })
     return Message(content, reply_to=msg)

@@ -53,7 +53,7 @@ from fl_app.sites import (
 )
 from fl_app.threshold import rule_of
 from strategies import evaluate_in_train
-from strategies.budget import PrivacyStop
+from strategies.budget import PrivacyStop, secret_sample
 from strategies.factory import WEIGHT_KEY
 from strategies.secure_aggregation import check_secure_aggregation, secagg_name
 from strategies.validation import round_rejections, skipped_reason
@@ -206,6 +206,8 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         latest["arrays"] = arrays
         ledger.flush()
         line = _round_line(server_round, collector, site_names)
+        if secret_sample(cfg):  # which sites trained is the secret the accounting relies on
+            line["train"] = {}
         line["failures"] = {
             f.site: f"{f.stage}: {f.reason}" for f in guard.failures if f.round == server_round
         }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -16,14 +15,15 @@ from fl_app.threshold import (
     sigmoid,
     validation_groups,
 )
-from tasks.engine import auc_from_histograms
-from tasks.score_groups import SCORE_KEYS, pooled_auc
+from tasks.score_groups import SCORE_KEYS, class_count, pooled_auc
 
 SITE_RECORD = "site"  # ConfigRecord in every reply: {"name": <site name>}
-HISTOGRAM_KEYS = ("score-hist-pos", "score-hist-neg")
 # Further k-patient score groups a task may send (prefix -> pooled AUC key): film-level
 # scores of a patch model, and the mean-intensity baseline (tasks.mammography_patches).
 EXTRA_SCORES = {"film-": "film_auc", "intensity-": "intensity_auc"}
+# Per-site values that must never be written anywhere: adaptive clipping's clipped bit (only
+# its noisy sum over sites is released, strategies.central_dp)
+PRIVATE_TRAIN_KEYS = ("norm_bit",)
 
 
 def site_name(reply: RecordDict) -> str:
@@ -41,7 +41,7 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Metrics over all sites' test data pooled.
 
     Loss, accuracy, sensitivity and specificity are exact example-weighted means; AUC comes
-    from the summed per-class score histograms (see tasks.engine.auc_from_histograms).
+    from the sites' k-patient score groups (see tasks.score_groups.pooled_auc).
     """
     sites = list(per_site.values())
     if not sites:
@@ -50,13 +50,11 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pooled: dict[str, Any] = {"num-examples": total}
     for key in ("loss", "accuracy"):
         pooled[key] = sum(float(s[key]) * int(s["num-examples"]) for s in sites) / total
-    if all(k in sites[0] for k in HISTOGRAM_KEYS):
-        pos = np.sum([s["score-hist-pos"] for s in sites], axis=0)
-        neg = np.sum([s["score-hist-neg"] for s in sites], axis=0)
-        pooled["auc"] = auc_from_histograms(pos, neg)
+    if all(k in sites[0] for k in SCORE_KEYS):
+        pooled["auc"] = pooled_auc(sites)
         # sensitivity/specificity pooled exactly from per-site counts
-        n_pos = [sum(s["score-hist-pos"]) for s in sites]
-        n_neg = [sum(s["score-hist-neg"]) for s in sites]
+        n_pos = [class_count(s, "pos") for s in sites]
+        n_neg = [class_count(s, "neg") for s in sites]
         pooled["sensitivity"] = _weighted(sites, "sensitivity", n_pos)
         pooled["specificity"] = _weighted(sites, "specificity", n_neg)
     else:
@@ -107,10 +105,9 @@ def _weighted(sites: list[dict[str, Any]], key: str, weights: list[int]) -> floa
 
 
 def public_site_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A site's metrics without score histograms or score groups (they only feed pooled
-    values, under any prefix: ``val-``, ``film-``, ``intensity-``)."""
-    return {k: v for k, v in metrics.items()
-            if k not in HISTOGRAM_KEYS and not k.endswith(SCORE_KEYS)}
+    """A site's metrics without score groups (they only feed pooled values, under any
+    prefix: ``val-``, ``film-``, ``intensity-``)."""
+    return {k: v for k, v in metrics.items() if not k.endswith(SCORE_KEYS)}
 
 
 class SiteMetricsCollector:
@@ -129,9 +126,15 @@ class SiteMetricsCollector:
         self.last_pooled: dict[str, Any] = {}
 
     def train(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Keep per-site training metrics; return Flower's weighted average."""
-        self.last_train = {site_name(r): metrics_of(r) for r in replies}
-        return aggregate_metricrecords(replies, weight_key)
+        """Keep per-site training metrics; return Flower's weighted average.
+
+        Adaptive clipping's per-site ``norm_bit`` is dropped from both (its exact mean would
+        be the un-noised clipped count).
+        """
+        self.last_train = {site_name(r): {k: v for k, v in metrics_of(r).items()
+                                          if k not in PRIVATE_TRAIN_KEYS} for r in replies}
+        pooled = aggregate_metricrecords(replies, weight_key)
+        return MetricRecord({k: v for k, v in pooled.items() if k not in PRIVATE_TRAIN_KEYS})
 
     def evaluate(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
         """Keep per-site evaluation metrics; return the pooled metrics."""

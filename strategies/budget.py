@@ -21,13 +21,15 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "ew", "functorch")
 
 # ConfigRecord every train reply carries under privacy: {"spend": <json of the site's spend>}
 PRIVACY_RECORD = "privacy"
-# Train-config key: the central-DP epsilon a site would have spent after this round
-CENTRAL_EPSILON_NEXT_KEY = "privacy-central-epsilon-next"
 # MetricRecord key (always 1) that central DP weights FedAvg by: every site counts equally,
 # which is what bounds one site's influence on the average by clipping_norm / num_sites
 UNIFORM_WEIGHT_KEY = "dp-weight"
-# node_config key a hospital can set on its SuperNode to cap its own epsilon
+# node_config keys a hospital sets on its SuperNode (scripts/deploy/supernode.py): the most
+# epsilon it will spend, the largest delta and the mechanisms it accepts (comma-separated)
 NODE_EPSILON_KEY = "privacy-epsilon-budget"
+NODE_DELTA_KEY = "privacy-delta"
+NODE_MECHANISMS_KEY = "privacy-mechanisms"
+DEFAULT_MAX_DELTA = 1e-5  # a site never accepts a larger delta unless its node_config says so
 
 STATUS_TRAINED = "trained"
 STATUS_EXHAUSTED = "budget_exhausted"
@@ -35,6 +37,9 @@ STATUS_EXCLUDED = "excluded"  # exhausted in an earlier round; not asked any mor
 STATUS_NOT_SAMPLED = "not_sampled"
 STATUS_NO_REPLY = "no_reply"
 STATUS_ERROR = "error"
+STATUS_REFUSED = "refused"  # the request broke the hospital's own limits (node_config)
+STATUS_REJECTED = "rejected"  # the server refused the reply (inconsistent epsilon, norm too big)
+STATUS_IN_ROUND = "in_round"  # privacy.secret_sample: sampled or not is not published
 
 # The privacy ledger's interface: exactly these keys (plus ``status``) on every line.
 LEDGER_KEYS = (
@@ -167,6 +172,58 @@ def site_budget(cfg: DictConfig, site: str, node_config: dict[str, Any] | None =
         own = float(node_config[NODE_EPSILON_KEY])
         eps = own if eps is None else min(eps, own)
     return Budget(epsilon=eps, delta=delta)
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What a hospital accepts, from its own node_config, whatever the server's config says.
+
+    ``mechanisms``: ``privacy-mechanisms`` (comma-separated); unset = both DP mechanisms, and
+    ``none`` too unless the hospital caps its epsilon. ``max_delta``: ``privacy-delta``
+    (default 1e-5), never above 1 / (10 N) for N local training records.
+    ``max_epsilon``: ``privacy-epsilon-budget`` (None = no cap of its own).
+    """
+
+    mechanisms: tuple[str, ...]
+    max_delta: float
+    max_epsilon: float | None
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], num_records: int) -> SiteLimits:
+        """The limits a SuperNode's node_config sets, for a site with ``num_records``."""
+        cap = node_config.get(NODE_EPSILON_KEY)
+        max_epsilon = None if cap is None else float(cap)
+        if NODE_MECHANISMS_KEY in node_config:
+            mechanisms = tuple(m.strip() for m in str(node_config[NODE_MECHANISMS_KEY]).split(",")
+                               if m.strip())
+            unknown = sorted(set(mechanisms) - set(MECHANISMS))
+            if unknown:
+                raise PrivacyConfigError(
+                    f"node_config {NODE_MECHANISMS_KEY} names unknown mechanism(s) "
+                    f"{', '.join(unknown)}; choose from {', '.join(MECHANISMS)}"
+                )
+        else:
+            mechanisms = ("local_dp", "central_dp") + (("none",) if max_epsilon is None else ())
+        own = float(node_config.get(NODE_DELTA_KEY, DEFAULT_MAX_DELTA))
+        return cls(mechanisms=mechanisms, max_delta=min(own, 1.0 / (10 * max(num_records, 1))),
+                   max_epsilon=max_epsilon)
+
+    def refusal(self, mech: str, delta: float | None) -> str | None:
+        """Why this hospital refuses a request for ``mech`` at ``delta``; None if it accepts."""
+        if mech not in self.mechanisms:
+            return (f"this hospital accepts privacy mechanism(s) {', '.join(self.mechanisms)} "
+                    f"(node_config {NODE_MECHANISMS_KEY}/{NODE_EPSILON_KEY}); the server asked "
+                    f"for privacy={mech}")
+        if mech != "none" and delta is not None and delta > self.max_delta:
+            return (f"the server asked for delta {delta:g}, above this hospital's limit "
+                    f"{self.max_delta:g} (node_config {NODE_DELTA_KEY}, at most 1/(10 x local "
+                    "records))")
+        return None
+
+
+def secret_sample(cfg: DictConfig) -> bool:
+    """Central DP with ``privacy.secret_sample``: who was sampled is kept out of every file."""
+    return mechanism(cfg) == "central_dp" and bool(cfg.privacy.get("secret_sample", False))
 
 
 def min_sites(cfg: DictConfig) -> int:

@@ -19,7 +19,17 @@ are used as they are, with two corrections that the accounting depends on:
   (Flower's legacy DPFedAvgAdaptive sends ``norm_bit = not clipped``), so the norm shrank when
   every update was clipped and diverged from its target. We apply the rule to the unclipped
   fraction: the norm tracks the ``target_clipped_quantile`` quantile of the update norms
-  (0.5 = the median). The privacy cost is unchanged (same noisy count).
+  (0.5 = the median).
+- Adaptive clipping's count, as analysed: Flower splits the noise multiplier z as
+  z_update = (z^-2 - (2 sigma_b)^-2)^-1/2, which is Andrew et al.'s Theorem 1 for bits of
+  +-1/2 (one site moves their sum by 1/2, so count noise sigma_b is a Gaussian release at
+  multiplier 2 sigma_b). Flower releases a raw 0/1 count (one site moves it by 1: multiplier
+  sigma_b, effective z 0.756 instead of 1 for z = sigma_b = 1) over the actual number of
+  replies. We release sum(b_i - 1/2) + N(0, sigma_b^2) over the FIXED expected number of
+  sites (public), so the two releases together are exactly one Gaussian release at z.
+- Zero updates: Flower's clipping divides by the update's norm (ZeroDivisionError on an
+  all-zero update); server-side clipping here and the client mod treat a zero update as
+  unclipped and unchanged.
 """
 
 from __future__ import annotations
@@ -43,10 +53,11 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.differential_privacy import compute_stdv
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
+from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv, get_norm
 from omegaconf import DictConfig
 
-from strategies.budget import STATUS_EXHAUSTED, PrivacyConfigError, read_spend
+from strategies.budget import STATUS_EXHAUSTED, STATUS_REFUSED, PrivacyConfigError, read_spend
 from strategies.wrapper import unwrap
 
 
@@ -63,6 +74,8 @@ class _RoundNoise:
         self.rng = rng if rng is not None else np.random.default_rng()
         self.round_clipping_norm: float | None = None
         self.last_noise_stdv: float | None = None
+        # the planned number of sites per round: public, fixed (the count's denominator)
+        self.expected_count = int(self.num_sampled_clients)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -87,8 +100,15 @@ class _RoundNoise:
         return ArrayRecord(noisy)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
-        # adaptive clipping's noisy count of clipped updates, from the same secret generator
-        return float(self.rng.normal(count, self.clipped_count_stddev)) / float(total)
+        """Noisy fraction of CLIPPED updates from +-1/2 bits over the expected count.
+
+        Each of the ``total`` sites contributes b_i = 1/2 if unclipped, -1/2 if clipped; only
+        sum(b_i) + N(0, sigma_b^2) is used (from the secret generator), divided by the
+        fixed ``expected_count``: the unclipped fraction is that + 1/2.
+        """
+        bits = (total - count) - total / 2.0
+        noisy = bits + float(self.rng.normal(0.0, self.clipped_count_stddev))
+        return 1.0 - (noisy / float(self.expected_count) + 0.5)
 
 
 class _QuantileTracking:
@@ -106,7 +126,62 @@ class _QuantileTracking:
         )
 
 
-class ServerSideFixedClipping(_RoundNoise, DifferentialPrivacyServerSideFixedClipping):
+def clip_update(new: list[np.ndarray], current: list[np.ndarray], clipping_norm: float
+                ) -> tuple[list[np.ndarray], bool]:
+    """``current + clip(new - current)`` and whether clipping scaled the update.
+
+    Flower's FlatClip (``clip_inputs_inplace``), without its division by a zero norm: an
+    all-zero update is within every norm and stays zero.
+    """
+    update = [np.subtract(x, y) for x, y in zip(new, current, strict=True)]
+    norm = get_norm(update)
+    clipped = norm > clipping_norm
+    if clipped:
+        scale = clipping_norm / norm
+        update = [u * scale for u in update]
+    return [np.asarray(c + u, dtype=np.asarray(x).dtype)
+            for c, u, x in zip(current, update, new, strict=True)], clipped
+
+
+class _ServerClipping:
+    """Server-side clipping for Flower's server-side wrappers (zero-safe, +-1/2 count)."""
+
+    clipping_norm: float
+    num_sampled_clients: int
+    current_arrays: ArrayRecord
+    strategy: Strategy
+    round_clipping_norm: float | None
+    last_noise_stdv: float | None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip every update to this round's norm, average, add noise (adapt the norm)."""
+        replies = list(replies)
+        self.round_clipping_norm = float(self.clipping_norm)
+        self.last_noise_stdv = None
+        if not validate_replies(replies, self.num_sampled_clients):
+            return None, None
+        current = self.current_arrays.to_numpy_ndarrays()
+        clipped = 0
+        for reply in replies:
+            for name, record in list(reply.content.array_records.items()):
+                arrays, was_clipped = clip_update(record.to_numpy_ndarrays(), current,
+                                                  self.round_clipping_norm)
+                clipped += int(was_clipped)
+                reply.content[name] = ArrayRecord(
+                    {k: Array(v) for k, v in zip(record.keys(), arrays, strict=True)})
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+        if hasattr(self, "clipped_count_stddev"):  # adaptive: next round's norm
+            fraction = self._noisy_fraction(clipped, len(replies))  # type: ignore[attr-defined]
+            self._geometric_update(fraction)  # type: ignore[attr-defined]
+        if aggregated:
+            aggregated = self._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[attr-defined]
+        return aggregated, metrics
+
+
+class ServerSideFixedClipping(_ServerClipping, _RoundNoise,
+                              DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping with secret noise."""
 
 
@@ -115,7 +190,7 @@ class ClientSideFixedClipping(_RoundNoise, DifferentialPrivacyClientSideFixedCli
 
 
 class ServerSideAdaptiveClipping(
-    _RoundNoise, _QuantileTracking, DifferentialPrivacyServerSideAdaptiveClipping
+    _ServerClipping, _RoundNoise, _QuantileTracking, DifferentialPrivacyServerSideAdaptiveClipping
 ):
     """Flower's server-side adaptive clipping; noise scaled to the round's own norm."""
 
@@ -205,13 +280,25 @@ def make_clipping_mod(config_key: str) -> Mod:
         mod = adaptiveclipping_mod if privacy.get("adaptive") else fixedclipping_mod
         reply = call_next(msg, ctxt)
         spend = None if reply.has_error() else read_spend(reply.content)
-        if spend is not None and spend.get("status") == STATUS_EXHAUSTED:
-            # a site that did not train sends no update (Flower's clipping would divide
-            # by its zero norm); the server drops the reply anyway
+        if spend is not None and spend.get("status") in (STATUS_EXHAUSTED, STATUS_REFUSED):
+            # a site that did not train sends no update; the server drops the reply anyway
+            return reply
+        if not reply.has_error() and _is_zero_update(msg, reply):
+            # Flower's clipping would divide by the zero norm: a zero update is unclipped
+            if privacy.get("adaptive"):
+                for record in reply.content.metric_records.values():
+                    record[KEY_NORM_BIT] = 0
             return reply
         return mod(msg, ctxt, lambda _msg, _ctxt: reply)
 
     return central_dp_clipping_mod
+
+
+def _is_zero_update(msg: Message, reply: Message) -> bool:
+    sent = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
+    back = next(iter(reply.content.array_records.values())).to_numpy_ndarrays()
+    return len(sent) == len(back) and all(
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(sent, back, strict=True))
 
 
 def _privacy_of(msg: Message, config_key: str) -> dict[str, Any]:

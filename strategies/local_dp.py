@@ -3,8 +3,9 @@
 Each hospital trains with per-sample gradient clipping, Gaussian noise and Poisson sampling
 (Opacus ``PrivacyEngine``). The noise multiplier is either given or calibrated once, at the
 site's first round, for the WHOLE planned run (``num_rounds`` x ``local_epochs`` epochs). The
-accountant's history lives in the ClientApp's ``context.state``, so the epsilon a site
-reports after round r covers rounds 1..r.
+accountant's history lives in the site's persistent ledger (``strategies.site_ledger``), so
+the epsilon a site reports covers every round it trained in, across SuperNode restarts and
+(ledger scope ``data``) earlier runs on the same data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context
 from omegaconf import DictConfig
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.data_loader import DPDataLoader
@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from strategies.accounting import AccountantState, calibrate_noise
 from strategies.budget import STATUS_EXHAUSTED, STATUS_TRAINED, Budget, PrivacyConfigError
+from strategies.site_ledger import SiteLedger
 
-STATE_KEY = "privacy-local-dp"  # ConfigRecord in context.state: {"site": name, "state": json}
 OPACUS_PREFIX = "_module."
 # Opacus warnings that say nothing about this run's guarantee (see the field guide, sec. 4)
 _QUIET = (
@@ -127,16 +127,16 @@ def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 class LocalDPRound:
     """One site's DP-SGD for one round: plan, budget check, private training, spend.
 
-    Built from the site's ordinary (non-private) train loader; ``refused`` says whether this
-    round would break the site's budget; ``make_private`` wraps model, optimizer and loader
-    with Opacus; ``finish`` records the accountant's new history in ``context.state`` and
-    returns the spend the site reports.
+    Built from the site's ordinary (non-private) train loader and its persistent ledger
+    (``strategies.site_ledger``); ``refused`` says whether this round would break the site's
+    budget; ``make_private`` wraps model, optimizer and loader with Opacus; ``finish`` appends
+    the round's steps to the ledger and returns the spend the site reports.
     """
 
-    def __init__(self, cfg: DictConfig, site: str, context: Context, loader: DataLoader,
+    def __init__(self, cfg: DictConfig, site: str, ledger: SiteLedger, loader: DataLoader,
                  budget: Budget, device: torch.device | None = None) -> None:
         p = cfg.privacy
-        self.cfg, self.site, self.context, self.budget = cfg, site, context, budget
+        self.cfg, self.site, self.ledger, self.budget = cfg, site, ledger, budget
         self.secure = bool(p.get("secure_mode", False))
         # secure_mode: Opacus's own CSPRNG (torchcsprng) for both noise and sampling
         self.sampler_generator = None if self.secure else _secret_generator()
@@ -149,29 +149,14 @@ class LocalDPRound:
         self.sample_rate = 1.0 / len(self.loader)
         self.steps = cfg.task.local_epochs * len(self.loader)
         self.max_grad_norm = float(p.max_grad_norm)
-        self.state = self._load_state()
-        if self.state.noise_multiplier is None:
-            self.state.noise_multiplier = self._noise_multiplier()
+        # everything this site released so far (this and earlier runs, restarts included)
+        self.state = AccountantState(accountant=str(p.accountant), delta=float(p.target_delta),
+                                     history=ledger.history())
+        self.state.rounds = sum(1 for x in ledger.in_scope() if x["status"] == STATUS_TRAINED)
+        self.state.noise_multiplier = (ledger.run_noise_multiplier("local_dp")
+                                       or self._noise_multiplier())
         self.noise_multiplier = float(self.state.noise_multiplier)
         self.engine: PrivacyEngine | None = None
-
-    def _load_state(self) -> AccountantState:
-        p = self.cfg.privacy
-        if STATE_KEY in self.context.state:
-            record = self.context.state[STATE_KEY]
-            if str(record["site"]) != self.site:
-                raise RuntimeError(
-                    f"this SuperNode's privacy state belongs to site '{record['site']}', "
-                    f"not '{self.site}'"
-                )
-            state = AccountantState.from_json(str(record["state"]))
-            if state.accountant != str(p.accountant) or state.delta != float(p.target_delta):
-                raise PrivacyConfigError(
-                    "privacy.accountant/target_delta changed during the run; the site's "
-                    "epsilon so far was computed with the earlier settings"
-                )
-            return state
-        return AccountantState(accountant=str(p.accountant), delta=float(p.target_delta))
 
     def _noise_multiplier(self) -> float:
         p = self.cfg.privacy
@@ -214,8 +199,8 @@ class LocalDPRound:
             )
         return private[0], private[1], private[-1]
 
-    def finish(self) -> dict[str, Any]:
-        """Adopt the accountant's history, persist it, return the round's spend."""
+    def finish(self, server_round: int) -> dict[str, Any]:
+        """Adopt the accountant's history, append it to the ledger, return the round's spend."""
         if self.engine is None:
             raise RuntimeError("finish() before make_private()")
         steps = self.state.record(list(self.engine.accountant.history))
@@ -224,10 +209,11 @@ class LocalDPRound:
                 f"DP-SGD took {steps} steps instead of the planned {self.steps}: every Poisson "
                 "batch (empty ones too) must be a step for the accounting to hold"
             )
-        self._save_state()
-        return self.spend(STATUS_TRAINED, steps)
+        spend = self.spend(STATUS_TRAINED, steps)
+        self._log(server_round, spend)
+        return spend
 
-    def refusal(self) -> dict[str, Any]:
+    def refusal(self, server_round: int) -> dict[str, Any]:
         """The spend a site reports when it refuses to train (budget exhausted)."""
         spend = self.spend(STATUS_EXHAUSTED, 0)
         spend["reason"] = (
@@ -235,7 +221,7 @@ class LocalDPRound:
             f"{self.projected_epsilon:.4f} > budget {self.budget.epsilon} "
             f"(delta {self.budget.delta:g})"
         )
-        self._save_state()
+        self._log(server_round, spend)
         return spend
 
     def spend(self, status: str, steps: int) -> dict[str, Any]:
@@ -249,9 +235,11 @@ class LocalDPRound:
             "delta": self.state.delta, "accountant": self.state.accountant,
             "rounds_trained": self.state.rounds,
             "budget_epsilon": self.budget.epsilon,
+            # the whole history behind epsilon, so the server can recompute it
+            "history": [list(step) for step in self.state.history],
         }
 
-    def _save_state(self) -> None:
-        self.context.state[STATE_KEY] = ConfigRecord(
-            {"site": self.site, "state": self.state.to_json()}
-        )
+    def _log(self, server_round: int, spend: dict[str, Any]) -> None:
+        own = ("status", "mechanism", "noise_multiplier", "clipping_norm", "sample_rate",
+               "steps", "epsilon", "delta", "accountant", "reason")
+        self.ledger.append(round=server_round, **{k: spend[k] for k in own if k in spend})

@@ -11,41 +11,57 @@ strategy in a ``PrivacyGuard``; for ``central_dp`` it first wraps it with Flower
   ``privacy.budget.min_sites`` sites have budget left,
 - keeps one ledger line per site per round for ``privacy_ledger.jsonl``.
 
+- does not trust the replies (a curious or faulty site, or a tampered reply): it sets the
+  equal FedAvg weights itself (``dp-weight`` = 1, whatever a reply says), rejects a
+  client-side-clipped update above the clipping norm it asked for, and rejects a local-DP
+  report whose epsilon is lower than before, lower than what this run alone released, or
+  different from the epsilon recomputed from the (noise, sample rate, steps) history sent,
+- samples sites with the operating system's entropy (Flower samples with Python's global
+  generator, which the run seeds with the public ``seed``).
+
 Central DP accounting model (stated in docs/privacy.md): each round is one Gaussian release
 with the wrapper's noise multiplier and sensitivity ``clipping_norm / m`` (m = number of
-updates averaged, treated as public); site sampling is modelled as Poisson sampling with
-rate q = (sites sampled per round) / (sites connected), composed over rounds with Opacus's
-accountant. With every site in every round (the default) q = 1: no amplification is claimed.
+updates averaged, treated as public). Who was sampled is published (ledger, metrics), so by
+default no amplification is claimed: q = 1 for the sites whose update was averaged, and a
+site not sampled spends nothing. ``privacy.secret_sample=true`` keeps the sample out of the
+ledger and metrics and accounts Poisson sampling at q = (sites sampled) / (sites connected).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from strategies.accounting import AccountantState, Step, add_steps
+from strategies.accounting import AccountantState, Step, add_steps, epsilon, total_steps
 from strategies.budget import (
-    CENTRAL_EPSILON_NEXT_KEY,
     LEDGER_KEYS,
     STATUS_ERROR,
     STATUS_EXCLUDED,
     STATUS_EXHAUSTED,
+    STATUS_IN_ROUND,
     STATUS_NO_REPLY,
     STATUS_NOT_SAMPLED,
+    STATUS_REFUSED,
+    STATUS_REJECTED,
     STATUS_TRAINED,
+    UNIFORM_WEIGHT_KEY,
     PrivacyConfigError,
     PrivacyStop,
     check_privacy_config,
     min_sites,
     read_spend,
+    secret_sample,
     site_budget,
 )
 from strategies.central_dp import (
@@ -56,6 +72,49 @@ from strategies.central_dp import (
 from strategies.wrapper import StrategyWrapper, innermost
 
 SITE_RECORD = "site"  # ConfigRecord {"name": site} in every reply (fl_app.metrics.SITE_RECORD)
+EPSILON_TOLERANCE = 1e-6  # relative: a reported epsilon must match the recomputation
+NORM_TOLERANCE = 1e-4  # relative: float32 rounding of an update clipped at the site
+_ENTROPY = random.SystemRandom()
+
+
+class EntropySampledGrid:
+    """A Grid whose ``get_node_ids`` comes in an order drawn from the OS's entropy.
+
+    Flower's ``sample_nodes`` takes ``random.sample(node_ids, k)`` from Python's global
+    generator, which the run seeds with its public ``seed``. A secretly shuffled population
+    makes that sample uniform and unpredictable whatever the global generator's state.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        """The connected node ids, secretly shuffled."""
+        nodes = list(self._grid.get_node_ids())
+        _ENTROPY.shuffle(nodes)
+        return nodes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def secure_aggregation_on(cfg: DictConfig) -> bool:
+    """Whether updates reach the server masked/encrypted (issue 8: config group ``secagg``).
+
+    The guard then sees the unmasked average in every reply, not single updates.
+    """
+    from strategies.secure_aggregation import secagg_name  # it imports this package's budget
+
+    return secagg_name(cfg) != "none"
+
+
+def update_norm(reply: ArrayRecord, current: ArrayRecord) -> float:
+    """L2 norm of ``reply - current`` over every array (float64; a zero update is 0)."""
+    total = 0.0
+    for new, old in zip(reply.to_numpy_ndarrays(), current.to_numpy_ndarrays(), strict=True):
+        diff = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+        total += float(np.sum(diff * diff))
+    return math.sqrt(total)
 
 
 def sample_size(strategy: Strategy, num_nodes: int) -> int:
@@ -120,6 +179,17 @@ class PrivacyGuard(StrategyWrapper):
         self._eligible_at_start: set[str] = set()
         self._round_q = 1.0
         self._round_clip: float | None = None
+        self._round_arrays: ArrayRecord | None = None
+        # the sample is published (ledger, metrics) unless privacy.secret_sample: then no
+        # amplification is claimed
+        self.secret_sample = secret_sample(cfg)
+        self.check_norms = (self.central and str(cfg.privacy.get("clipping")) == "client"
+                            and not secure_aggregation_on(cfg))
+        # local DP: each site's last accepted report and the history this run saw it release
+        self.reported: dict[str, dict[str, Any]] = {}
+        self.run_histories: dict[str, list[Step]] = {}
+        self.rejected: dict[str, str] = {}
+        self.excluded_status: dict[str, str] = {}  # site -> budget_exhausted/refused/rejected
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -173,6 +243,11 @@ class PrivacyGuard(StrategyWrapper):
             "last_spend": json.dumps(self.last_spend),
             "central_state": self.central_state.to_json(),
             "site_states": {s: st.to_json() for s, st in self.site_states.items()},
+            # the server's own check of the sites' reports (a resumed run keeps checking)
+            "reported": json.dumps(self.reported),
+            "run_histories": json.dumps({s: [list(x) for x in h]
+                                         for s, h in self.run_histories.items()}),
+            "excluded_status": dict(self.excluded_status),
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -183,6 +258,10 @@ class PrivacyGuard(StrategyWrapper):
         self.central_state = AccountantState.from_json(state["central_state"])
         self.site_states = {s: AccountantState.from_json(j)
                             for s, j in state["site_states"].items()}
+        self.reported = json.loads(state.get("reported", "{}"))
+        self.run_histories = {s: [(float(n), float(q), int(k)) for n, q, k in h]
+                              for s, h in json.loads(state.get("run_histories", "{}")).items()}
+        self.excluded_status = dict(state.get("excluded_status", {}))
         self.sites = sorted(set(self.sites) | set(self.site_states))
 
     def pop_ledger(self) -> list[dict[str, Any]]:
@@ -203,16 +282,14 @@ class PrivacyGuard(StrategyWrapper):
             self._stop(server_round, f"{len(eligible)} site(s) with privacy budget left, fewer "
                        f"than privacy.budget.min_sites={self.min_sites}")
         self._eligible_at_start = set(eligible)
+        self._round_arrays = arrays
         if self.central:
             nodes = len(list(grid.get_node_ids()))
-            self._round_q = sample_size(self.base, nodes) / max(nodes, 1)
+            sampled = sample_size(self.base, nodes) / max(nodes, 1)
+            self._round_q = sampled if self.secret_sample else 1.0
             self._round_clip = float(self.strategy.clipping_norm)  # type: ignore[attr-defined]
-            # the epsilon each site would have spent once this round's aggregate is released
-            config[CENTRAL_EPSILON_NEXT_KEY] = max(
-                self.site_states[s].epsilon_after(self.noise_multiplier, self._round_q, 1)
-                for s in eligible
-            )
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        messages = list(self.strategy.configure_train(server_round, arrays, config,
+                                                      EntropySampledGrid(grid)))
         keep = []
         for msg in messages:
             site = self._site_of(msg.metadata.dst_node_id)
@@ -221,12 +298,12 @@ class PrivacyGuard(StrategyWrapper):
             else:
                 keep.append(msg)
         self._sampled = {self._site_of(m.metadata.dst_node_id) for m in keep}
-        if self.central:
+        if self.central and self.secret_sample:
             self._server_side_budget_check(server_round)
         return keep
 
     def _server_side_budget_check(self, server_round: int) -> None:
-        # With site sampling (q < 1) a site that is not sampled still has the round counted
+        # With a secret sample (q < 1) a site that is not sampled still has the round counted
         # (amplification covers its chance of having been sampled), so the server applies
         # the configured budget to it before the round: it cannot answer for itself.
         for site in sorted(self._eligible_at_start - self._sampled):
@@ -239,6 +316,7 @@ class PrivacyGuard(StrategyWrapper):
                     f"budget exhausted before round {server_round}: epsilon would reach "
                     f"{projected:.4f} > {budget.epsilon} (server-side check)"
                 )
+                self.excluded_status[site] = STATUS_EXHAUSTED
                 self._eligible_at_start.discard(site)
                 log(WARNING, "privacy: %s excluded: %s", site, self.excluded[site])
 
@@ -264,17 +342,32 @@ class PrivacyGuard(StrategyWrapper):
                 log(WARNING, "privacy: %s replied without a privacy report; its update is "
                     "dropped (is it running this ClientApp version?)", site)
                 continue
-            if not self.central:
-                self.last_spend[site] = spend
-            if spend["status"] == STATUS_EXHAUSTED:
-                self.excluded[site] = f"budget exhausted in round {server_round}: " + str(
+            if spend["status"] in (STATUS_EXHAUSTED, STATUS_REFUSED):
+                if not self.central and spend.get("noise_multiplier") is not None:
+                    self.last_spend[site] = spend
+                what = ("budget exhausted" if spend["status"] == STATUS_EXHAUSTED
+                        else "refused by the site")
+                self.excluded[site] = f"{what} in round {server_round}: " + str(
                     spend.get("reason", "")
                 )
                 self._eligible_at_start.discard(site)
+                self.excluded_status[site] = spend["status"]
                 log(WARNING, "privacy: %s stops training: %s", site, self.excluded[site])
-                lines[site] = self._line(site, server_round, STATUS_EXHAUSTED, 0,
+                lines[site] = self._line(site, server_round, spend["status"], 0,
                                          reason=self.excluded[site])
                 continue
+            problem = self._check_reply(site, reply, spend)
+            if problem is not None:
+                self.excluded[site] = self.rejected[site] = (
+                    f"reply rejected by the server in round {server_round}: {problem}")
+                self._eligible_at_start.discard(site)
+                self.excluded_status[site] = STATUS_REJECTED
+                log(WARNING, "privacy: %s: %s", site, self.excluded[site])
+                lines[site] = self._line(site, server_round, STATUS_REJECTED, 0,
+                                         reason=self.excluded[site])
+                continue
+            if not self.central:
+                self.last_spend[site] = spend
             self.rounds_trained[site] = self.rounds_trained.get(site, 0) + 1
             trained.append(site)
             passed.append(reply)
@@ -294,17 +387,74 @@ class PrivacyGuard(StrategyWrapper):
             # the noise is calibrated to the number of updates actually averaged
             ok = sum(1 for r in passed if not r.has_error())
             calibrate_central_dp(self.strategy, ok)
+            for reply in passed:  # equal weights set here, never read from a reply
+                if not reply.has_error():
+                    for record in reply.content.metric_records.values():
+                        record[UNIFORM_WEIGHT_KEY] = 1
         arrays, metrics = self.strategy.aggregate_train(server_round, passed)
         released = self.central and arrays is not None
         if released:
             self.central_state.history = self._step(self.central_state)
-            for site in self._eligible_at_start:
+            # published sample: only the sites whose update was averaged spend (q = 1);
+            # secret sample: every site that could have been sampled spends (q < 1)
+            spenders = self._eligible_at_start if self.secret_sample else set(trained)
+            for site in spenders:
                 self.site_states[site].history = self._step(self.site_states[site])
         for site in trained:
             steps = (1 if released else 0) if self.central else int(self.last_spend[site]["steps"])
-            lines[site] = self._line(site, server_round, STATUS_TRAINED, steps)
+            status = STATUS_IN_ROUND if self.central and self.secret_sample else STATUS_TRAINED
+            lines[site] = self._line(site, server_round, status, steps)
         self._add_lines(server_round, lines, released)
         return arrays, metrics
+
+    def _check_reply(self, site: str, reply: Message, spend: dict[str, Any]) -> str | None:
+        """Why this reply cannot be trusted, or None (see the module docstring)."""
+        if self.central:
+            problem = self._check_norm(reply)
+            if problem is None and spend.get("epsilon") is not None:
+                reported = float(spend["epsilon"])
+                before = self.reported.get(site, {}).get("epsilon", 0.0)
+                if reported < before * (1 - EPSILON_TOLERANCE):
+                    problem = f"reported epsilon {reported:.6g} is lower than before ({before:.6g})"
+                else:
+                    self.reported[site] = spend
+            return problem
+        try:
+            history = [(float(n), float(q), int(k)) for n, q, k in spend["history"]]
+            reported, delta = float(spend["epsilon"]), float(spend["delta"])
+            this_round = (float(spend["noise_multiplier"]), float(spend["sample_rate"]),
+                          int(spend["steps"]))
+        except (KeyError, TypeError, ValueError):
+            return "the privacy report lacks its history, epsilon or delta"
+        recomputed = epsilon(history, delta, str(spend.get("accountant", self.accountant)))
+        if not math.isclose(reported, recomputed, rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9):
+            return (f"reported epsilon {reported:.6g} disagrees with {recomputed:.6g} "
+                    "recomputed from its history")
+        before = float(self.reported.get(site, {}).get("epsilon", 0.0))
+        if reported < before * (1 - EPSILON_TOLERANCE):
+            return f"reported epsilon {reported:.6g} is lower than before ({before:.6g})"
+        ours = add_steps(self.run_histories.get(site, []), *this_round)
+        own_eps = epsilon(ours, delta, self.accountant)
+        if reported < own_eps * (1 - EPSILON_TOLERANCE) or total_steps(history) < total_steps(
+                ours):
+            return (f"reported epsilon {reported:.6g} is below {own_eps:.6g}, what this run "
+                    "alone has seen it release")
+        self.run_histories[site] = ours
+        self.reported[site] = spend
+        return None
+
+    def _check_norm(self, reply: Message) -> str | None:
+        if not self.check_norms or self._round_arrays is None or self._round_clip is None:
+            return None
+        arrays = next(iter(reply.content.array_records.values()))
+        try:
+            norm = update_norm(arrays, self._round_arrays)
+        except (ValueError, TypeError) as err:  # different keys/shapes: not this model's update
+            return f"its update does not match the global model ({err})"
+        if norm > self._round_clip * (1 + NORM_TOLERANCE):
+            return (f"update norm {norm:.6g} is above the clipping norm {self._round_clip:.6g} "
+                    "the server asked for (client-side clipping)")
+        return None
 
     def _step(self, state: AccountantState) -> list[Step]:
         return add_steps(state.history, float(self.noise_multiplier), self._round_q, 1)
@@ -318,8 +468,10 @@ class PrivacyGuard(StrategyWrapper):
                 line = self._line(site, server_round, STATUS_EXCLUDED, 0,
                                   reason=self.excluded[site])
             else:
-                stepped = self.central and released and site in self._eligible_at_start
-                line = self._line(site, server_round, STATUS_NOT_SAMPLED, int(stepped))
+                secret = self.central and self.secret_sample
+                stepped = secret and released and site in self._eligible_at_start
+                line = self._line(site, server_round,
+                                  STATUS_IN_ROUND if secret else STATUS_NOT_SAMPLED, int(stepped))
             if self.central:  # epsilon after this round's release (if any)
                 line["epsilon"] = self.site_states[site].epsilon()
             self.pending.append(line)
@@ -346,7 +498,7 @@ class PrivacyGuard(StrategyWrapper):
             per_site[site] = {
                 "epsilon": eps, "delta": self.delta,
                 "rounds_trained": self.rounds_trained.get(site, 0),
-                "status": "budget_exhausted" if site in self.excluded else "active",
+                "status": self.excluded_status.get(site, "active"),
                 "budget_epsilon": site_budget(self.cfg, site).epsilon,
             }
             if site in self.excluded:

@@ -11,9 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-# Scores are binned into this many equal-width bins per class for the pooled AUC: sites share
-# two histograms of predicted probabilities, never per-patient predictions.
-SCORE_BINS = 1000
+from tasks.score_groups import logit_scores, score_metrics
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -71,26 +69,34 @@ def train(
 @torch.no_grad()
 def predict(
     model: nn.Module, loader: DataLoader, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Return (labels, class probabilities, summed cross-entropy) over a loader."""
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+    """Return (labels, class probabilities, summed cross-entropy, binary logit scores).
+
+    The logit scores (``log p1/p0``, float64) are None for more than two classes.
+    """
     model.to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    labels, probs, loss = [], [], 0.0
+    labels, probs, scores, loss = [], [], [], 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += criterion(logits, y).item()
         labels.append(y.cpu().numpy())
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-    return np.concatenate(labels), np.concatenate(probs), loss
+        if logits.shape[1] == 2:
+            scores.append(logit_scores(logits))
+    return (np.concatenate(labels), np.concatenate(probs), loss,
+            np.concatenate(scores) if scores else None)
 
 
 def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, loss_sum: float
+    labels: np.ndarray, probs: np.ndarray, loss_sum: float, scores: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Loss, accuracy, AUC (scikit-learn), sensitivity, specificity and score histograms.
+    """Loss, accuracy, AUC (scikit-learn), sensitivity, specificity and score groups.
 
-    AUC is NaN when the site's test set holds a single class (it is undefined there).
+    Binary tasks: the AUC is exact on the logit scores (``scores``, default ``log p1/p0``
+    from ``probs``); the score groups (``tasks.score_groups``) feed the pooled AUC without
+    per-patient scores. AUC is NaN when the site's test set holds a single class.
     """
     n = len(labels)
     pred = probs.argmax(axis=1)
@@ -100,13 +106,13 @@ def classification_metrics(
         "num-examples": n,
     }
     if probs.shape[1] == 2:
-        score = probs[:, 1]
-        metrics["auc"] = binary_auc(labels, score)
+        if scores is None:
+            scores = logit_of(probs)
+        metrics["auc"] = binary_auc(labels, scores)
         pos, neg = labels == 1, labels == 0
         metrics["sensitivity"] = float((pred[pos] == 1).mean()) if pos.any() else math.nan
         metrics["specificity"] = float((pred[neg] == 0).mean()) if neg.any() else math.nan
-        metrics["score-hist-pos"] = score_histogram(score[pos])
-        metrics["score-hist-neg"] = score_histogram(score[neg])
+        metrics.update(score_metrics(labels, scores))
     else:
         metrics["auc"] = (
             float(roc_auc_score(labels, probs, multi_class="ovr"))
@@ -129,32 +135,10 @@ def binary_auc(labels: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(labels, score)) if len(np.unique(labels)) == 2 else math.nan
 
 
-def score_histogram(score: np.ndarray) -> list[int]:
-    """Counts of probabilities in SCORE_BINS equal-width bins over [0, 1]."""
-    counts, _ = np.histogram(score, bins=SCORE_BINS, range=(0.0, 1.0))
-    return counts.astype(int).tolist()
-
-
-def auc_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> float:
-    """Pooled ROC AUC from per-class score histograms summed over sites (scikit-learn).
-
-    Equal to the AUC over pooled predictions up to ties inside one bin (width 1/SCORE_BINS).
-    """
-    hist_pos, hist_neg = np.asarray(hist_pos, float), np.asarray(hist_neg, float)
-    if hist_pos.sum() == 0 or hist_neg.sum() == 0:
-        return math.nan
-    centres = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
-    scores = np.concatenate([centres, centres])
-    labels = np.concatenate([np.ones(SCORE_BINS), np.zeros(SCORE_BINS)])
-    weights = np.concatenate([hist_pos, hist_neg])
-    keep = weights > 0
-    return float(roc_auc_score(labels[keep], scores[keep], sample_weight=weights[keep]))
-
-
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, Any]:
     """Metrics of ``model`` on one loader (see ``classification_metrics``)."""
-    labels, probs, loss = predict(model, loader, device)
-    return classification_metrics(labels, probs, loss)
+    labels, probs, loss, scores = predict(model, loader, device)
+    return classification_metrics(labels, probs, loss, scores)
 
 
 def logit_of(probs: np.ndarray) -> np.ndarray:
@@ -176,17 +160,17 @@ def evaluate_site(
     from fl_app.threshold import rates_at  # fl_app imports tasks, not the other way round
     from tasks.score_groups import score_metrics
 
-    labels, probs, loss = predict(model, make_loader(site.test, 256, False, 0), device)
-    metrics = classification_metrics(labels, probs, loss)
+    labels, probs, loss, scores = predict(model, make_loader(site.test, 256, False, 0), device)
+    metrics = classification_metrics(labels, probs, loss, scores)
     binary = probs.shape[1] == 2
     if binary and threshold_logit is not None:
-        metrics |= rates_at(labels, logit_of(probs), threshold_logit)
+        metrics |= rates_at(labels, scores, threshold_logit)
         metrics["threshold-logit"] = float(threshold_logit)
     val = getattr(site, "val", None)
     if binary and val is not None and len(val):
-        val_labels, val_probs, _ = predict(model, make_loader(val, 256, False, 0), device)
+        val_labels, _, _, val_scores = predict(model, make_loader(val, 256, False, 0), device)
         metrics |= {f"val-{k}": v
-                    for k, v in score_metrics(val_labels, logit_of(val_probs)).items()}
+                    for k, v in score_metrics(val_labels, val_scores).items()}
     if extra is not None:
         metrics |= extra(model, site, device)
     return metrics

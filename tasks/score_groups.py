@@ -77,6 +77,8 @@ def pooled_auc(sites: Sequence[dict[str, Any]]) -> float:
     neg = _stack(sites, "neg")
     if pos is None or neg is None:
         return math.nan
+    from scipy.special import ndtr  # server side only: no scipy import in a ClientApp
+
     (cp, mp, sp), (cn, mn, sn) = pos, neg
     spread = np.sqrt(sp[:, None] ** 2 + sn[None, :] ** 2)
     diff = mp[:, None] - mn[None, :]

@@ -51,7 +51,8 @@ def test_proximal_term_value() -> None:
 def test_site_metrics_and_pooled_auc_match_scikit_learn() -> None:
     rng = np.random.default_rng(0)
     labels = [rng.integers(0, 2, n) for n in (50, 120, 31)]
-    scores = [np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1) for y in labels]
+    # a model's probabilities: sigmoid of its logits (never exactly 0 or 1 here)
+    scores = [1 / (1 + np.exp(-rng.normal(1.5 * (2 * y - 1), 1.5))) for y in labels]
     per_site = {}
     for i, (y, s) in enumerate(zip(labels, scores, strict=True)):
         probs = np.stack([1 - s, s], axis=1)
@@ -61,7 +62,8 @@ def test_site_metrics_and_pooled_auc_match_scikit_learn() -> None:
         per_site[f"site-{i}"] = m
     pooled = pooled_metrics(per_site)
     y_all, s_all = np.concatenate(labels), np.concatenate(scores)
-    assert abs(pooled["auc"] - roc_auc_score(y_all, s_all)) < 1e-3
+    # k-patient score groups of sites with 31-120 test patients: error stated in docs/privacy.md
+    assert abs(pooled["auc"] - roc_auc_score(y_all, s_all)) < 3e-3
     assert pooled["accuracy"] == ((s_all > 0.5) == y_all).mean()
     assert pooled["num-examples"] == len(y_all)
     assert abs(pooled["sensitivity"] - ((s_all > 0.5)[y_all == 1]).mean()) < 1e-12

@@ -296,6 +296,26 @@ def test_chest_xray_federated_five_hospitals_reaches_auc_090(shared_data: Path,
     assert sorted(summary["per_site"]) == [f"site-{i}" for i in range(5)]
     assert all("auc" in m for m in summary["per_site"].values())
     assert pooled["auc"] >= 0.90, pooled
+    # the pooled AUC (from the sites' k-patient score groups) against scikit-learn on every
+    # test film's score from the final model, re-evaluated here
+    from sklearn.metrics import roc_auc_score
+
+    from tasks import engine
+
+    task = get_task("chest_xray")
+    sites = [task.apply_statistics(task.load_site(cfg, SiteRef(f"site-{i}", index=i)), None)
+             for i in range(5)]
+    model = task.build_model(cfg, sites[0].info)
+    model.load_state_dict(torch.load(run.path / "final_model.pt"))
+    labels, scores = [], []
+    for site in sites:
+        y, _, _, z = engine.predict(model, engine.make_loader(site.test, 256, False, 0),
+                                    torch.device("cpu"))
+        labels.append(y)
+        scores.append(z)
+    exact = roc_auc_score(np.concatenate(labels), np.concatenate(scores))
+    print(f"chest pooled AUC {pooled['auc']:.6f}, exact {exact:.6f}")
+    assert abs(pooled["auc"] - exact) <= 1e-3
 
 
 def test_mammography_federated_runs_on_mini_mias(shared_data: Path, tmp_path: Path) -> None:

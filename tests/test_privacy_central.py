@@ -8,6 +8,9 @@ DifferentialPrivacy*Clipping wrapper -> FedAvg): ``configure_train`` samples the
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -19,13 +22,20 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp.strategy import FedAvg
 from opacus.accountants import RDPAccountant
 
 import strategies
 from fl_app.config import compose_config, to_json
+from fl_app.experiment import seed_everything
 from fl_app.privacy_ledger import find_guard
 from strategies.budget import LEDGER_KEYS, PrivacyConfigError, spend_record
-from strategies.central_dp import _RoundNoise, make_clipping_mod
+from strategies.central_dp import (
+    _RoundNoise,
+    accounted_noise_multiplier,
+    build_central_dp,
+    make_clipping_mod,
+)
 from strategies.wrapper import find
 
 NODE_SITES = {11: "site-0", 12: "site-1", 13: "site-2", 14: "site-3"}
@@ -91,7 +101,7 @@ def spy_on_clipped_updates(guard) -> list[list[float]]:
 
     def spy(server_round, replies):
         replies = list(replies)
-        current = guard.strategy.current_arrays["w"].numpy()
+        current = guard._round_arrays["w"].numpy()
         seen.append([float(np.linalg.norm(r.content["arrays"]["w"].numpy() - current))
                      for r in replies])
         return real(server_round, replies)
@@ -223,21 +233,173 @@ def test_adaptive_noise_matches_this_rounds_norm_and_the_norm_tracks_the_updates
     assert lines[-1]["epsilon"] == pytest.approx(rdp_epsilon(z, 1.0, 20), abs=1e-6)
 
 
-def test_site_sampling_is_accounted_as_poisson_with_the_sampled_fraction():
+def sampled_sites(guard, rounds: int) -> list[tuple[str, ...]]:
+    """Which sites the guard asks to train in each of ``rounds`` rounds."""
+    out = []
+    for r in range(1, rounds + 1):
+        arrays = ArrayRecord({"w": Array(np.zeros(3))})
+        messages = guard.configure_train(r, arrays, ConfigRecord({}), NodeGrid())
+        out.append(tuple(sorted(NODE_SITES[m.metadata.dst_node_id] for m in messages)))
+    return out
+
+
+def test_two_runs_with_the_same_public_seed_sample_different_sites():
+    samples = []
+    for _ in range(2):  # the experiment seeds Python, NumPy and torch with cfg.seed
+        seed_everything(42)
+        _, guard = build("privacy.noise_multiplier=1.0 strategy.fraction_train=0.5")
+        samples.append(sampled_sites(guard, 12))
+    assert all(len(s) == 2 for s in samples[0] + samples[1])
+    # 6 possible pairs per round: equal sequences over 12 rounds have probability 6^-12
+    assert samples[0] != samples[1]
+    # Flower's own sampler, seeded the same way, repeats itself exactly (what we replace)
+    flower = []
+    for _ in range(2):
+        seed_everything(42)
+        flower.append([tuple(sorted(random.sample(list(NODE_SITES), 2))) for _ in range(12)])
+    assert flower[0] == flower[1]
+
+
+def test_a_published_sample_is_accounted_without_amplification():
     z, rounds = 1.0, 6
     cfg, guard = build(f"privacy.noise_multiplier={z} strategy.fraction_train=0.5")
     current = np.zeros(DIM)
     updates = dict.fromkeys(NODE_SITES, np.full(DIM, 1e-3))
+    trained = dict.fromkeys(NODE_SITES.values(), 0)
     for r in range(1, rounds + 1):
         one_round(cfg, guard, r, current, updates)
         lines = guard.pop_ledger()
         assert sorted(x["status"] for x in lines) == ["not_sampled", "not_sampled",
                                                       "trained", "trained"]
+        assert {x["sample_rate"] for x in lines} == {1.0}  # q = 1: no amplification claimed
+        for x in lines:
+            assert x["steps"] == (x["status"] == "trained")  # a site not sampled spends nothing
+            trained[x["site"]] += x["status"] == "trained"
+            assert x["epsilon"] == pytest.approx(
+                rdp_epsilon(z, 1.0, trained[x["site"]]) if trained[x["site"]] else 0.0,
+                abs=1e-6)
+    assert sum(trained.values()) == 2 * rounds
+    assert guard.central_state.epsilon() == pytest.approx(rdp_epsilon(z, 1.0, rounds), abs=1e-6)
+
+
+def test_a_secret_sample_is_accounted_as_poisson_and_not_published():
+    z, rounds = 1.0, 6
+    cfg, guard = build(f"privacy.noise_multiplier={z} strategy.fraction_train=0.5 "
+                       "privacy.secret_sample=true")
+    current = np.zeros(DIM)
+    updates = dict.fromkeys(NODE_SITES, np.full(DIM, 1e-3))
+    for r in range(1, rounds + 1):
+        one_round(cfg, guard, r, current, updates)
+        lines = guard.pop_ledger()
+        assert {x["status"] for x in lines} == {"in_round"}  # who was sampled is not written
         assert {x["steps"] for x in lines} == {1} and {x["sample_rate"] for x in lines} == {0.5}
     for site in NODE_SITES.values():
         eps = guard.site_states[site].epsilon()
         assert eps == pytest.approx(rdp_epsilon(z, 0.5, rounds), abs=1e-6)
         assert eps < rdp_epsilon(z, 1.0, rounds)
+
+
+def test_a_forged_dp_weight_cannot_change_the_aggregate():
+    """A site reporting dp-weight -2.99 would blow an honest unit update up 100-fold."""
+    z, clip = 0.0001, 1.0  # almost no noise: the aggregate is the mean of clipped updates
+    cfg, guard = build(f"privacy.noise_multiplier={z} privacy.clipping_norm={clip}")
+    current = np.zeros(DIM)
+    honest = np.zeros(DIM)
+    honest[0] = 1.0
+    updates = {11: honest, 12: np.zeros(DIM), 13: np.zeros(DIM), 14: np.zeros(DIM)}
+    arrays = ArrayRecord({"w": Array(current)})
+    messages = list(guard.configure_train(1, arrays, ConfigRecord({"cfg": to_json(cfg)}),
+                                          NodeGrid()))
+    replies = [reply_to(m, current + updates[m.metadata.dst_node_id]) for m in messages]
+    weights = {11: 1.0, 12: -2.99, 13: 1.0, 14: 1.0}
+    for reply in replies:
+        reply.content["metrics"]["dp-weight"] = weights[reply.metadata.src_node_id]
+    aggregated, _ = guard.aggregate_train(1, replies)
+    w = aggregated["w"].numpy()
+    assert w[0] == pytest.approx(0.25, abs=1e-3)  # 1/m of the honest clipped update
+    assert np.abs(w[1:]).max() < 1e-3
+
+
+def test_client_side_update_above_the_clipping_norm_is_rejected():
+    cfg, guard = build("privacy=central_dp_client privacy.noise_multiplier=1.0 "
+                       "privacy.clipping_norm=0.5")
+    rng = np.random.default_rng(5)
+    current = rng.normal(size=DIM)
+    good = rng.normal(size=DIM)
+    good *= 0.5 / np.linalg.norm(good)  # exactly at the norm: accepted
+    updates = dict.fromkeys(NODE_SITES, good)
+    updates[13] = good * 8  # a site that skipped clipping
+    seen = spy_on_clipped_updates(guard)
+    one_round(cfg, guard, 1, current, updates)
+    lines = {x["site"]: x for x in guard.pop_ledger()}
+    assert lines["site-2"]["status"] == "rejected"
+    assert "above the clipping norm 0.5" in lines["site-2"]["reason"]
+    assert [x["status"] for s, x in sorted(lines.items()) if s != "site-2"] == ["trained"] * 3
+    assert len(seen[0]) == 3 and max(seen[0]) == pytest.approx(0.5)
+    assert "site-2" not in guard.eligible()  # not asked again
+
+
+@pytest.mark.parametrize("preset", ["central_dp", "central_dp_client", "central_dp_adaptive"])
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_an_all_zero_update_goes_through_every_clipping_path(preset, clipping):
+    cfg, guard = build(f"privacy={preset} privacy.clipping={clipping} "
+                       "privacy.noise_multiplier=0.5 privacy.clipped_count_stddev=1.0")
+    current = np.ones(DIM)
+    updates = dict.fromkeys(NODE_SITES, np.zeros(DIM))
+    updates[11] = np.full(DIM, 1e-3)
+    aggregated, replies = one_round(cfg, guard, 1, current, updates,
+                                    via_mod=clipping == "client")
+    assert np.isfinite(aggregated).all()
+    assert [x["status"] for x in guard.pop_ledger()] == ["trained"] * 4
+    if clipping == "client" and "adaptive" in preset:  # a zero update is not clipped
+        bits = {r.metadata.src_node_id: r.content["metrics"]["norm_bit"] for r in replies}
+        assert bits[12] == bits[13] == bits[14] == 0
+
+
+# Opacus's default RDP orders, written out here so the check below shares no code with it
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def independent_rdp_epsilon(gaussians: list[tuple[float, float]], releases: int,
+                            delta: float) -> float:
+    """Epsilon of ``releases`` rounds, each a set of Gaussian releases (sensitivity, sigma).
+
+    RDP of a Gaussian mechanism at order a is a * s^2 / (2 sigma^2); orders add up over
+    releases and rounds; converted to (epsilon, delta) with Balle et al. 2020 (Thm. 21).
+    """
+    best = math.inf
+    for a in ALPHAS:
+        rdp = releases * sum(a * s * s / (2 * sigma * sigma) for s, sigma in gaussians)
+        eps = rdp + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return best
+
+
+def test_adaptive_clipping_epsilon_equals_an_independent_rdp_computation():
+    """Andrew et al. 2021's setting: m sites per round, sigma_b = m / 20, z = 1, q = 1."""
+    m, z, rounds = 100, 1.0, 50
+    cfg = compose_config(f"privacy=central_dp_adaptive privacy.noise_multiplier={z} "
+                         f"privacy.clipped_count_stddev={m / 20} partition.num_sites={m}")
+    wrapper = build_central_dp(FedAvg(weighted_by_key="dp-weight"), cfg, m,
+                               rng=np.random.default_rng(6))
+    sigma_b, z_update = wrapper.clipped_count_stddev, wrapper.noise_multiplier
+    assert sigma_b == m / 20 and z_update > z
+    # the count as released: sum of +-1/2 bits plus N(0, sigma_b^2), over the fixed m
+    draws = np.array([1 - wrapper._noisy_fraction(30, 90) for _ in range(20000)])
+    assert draws.mean() == pytest.approx(0.5 + (60 - 45) / m, abs=4 * sigma_b / m / 141)
+    assert draws.std() == pytest.approx(sigma_b / m, rel=0.03)
+    # one more site moves the noiseless count by exactly 1/2 (over m), clipped or not
+    wrapper.clipped_count_stddev = 0.0
+    base = 1 - wrapper._noisy_fraction(30, 90)
+    assert 1 - wrapper._noisy_fraction(31, 91) == pytest.approx(base - 0.5 / m)
+    assert 1 - wrapper._noisy_fraction(30, 91) == pytest.approx(base + 0.5 / m)
+    # per round: the update (sensitivity C, noise z_update C) and the count (1/2, sigma_b)
+    independent = independent_rdp_epsilon([(1.0, z_update), (0.5, sigma_b)], rounds, DELTA)
+    accounted = rdp_epsilon(accounted_noise_multiplier(cfg), 1.0, rounds)
+    assert accounted == pytest.approx(independent, rel=1e-9)
+    # what Flower's raw 0/1 count over the actual number of replies gives (issue 14): more
+    flower = independent_rdp_epsilon([(1.0, z_update), (1.0, sigma_b)], rounds, DELTA)
+    assert flower > independent
 
 
 def test_central_dp_refuses_a_non_averaging_aggregator():

@@ -6,12 +6,12 @@ cannot train BatchNorm; the site must still send weights under the server's own 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -23,6 +23,7 @@ from strategies.local_dp import (
     plain_state_dict,
     prepare_model,
 )
+from strategies.site_ledger import SiteLedger
 from tasks import engine
 
 
@@ -60,8 +61,8 @@ def dp_round(model: nn.Module, dataset: TensorDataset, epochs: int = 1) -> tuple
     cfg = compose_config(f"privacy=local_dp privacy.noise_multiplier=1.0 "
                          f"privacy.target_epsilon=null task.local_epochs={epochs} num_rounds=1")
     loader = engine.make_loader(dataset, 8, shuffle=True, seed=0)
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    dp = LocalDPRound(cfg, "site-0", context, loader, Budget(None, 1e-5))
+    ledger = SiteLedger(Path(tempfile.mkdtemp(prefix="fedclinic-site-")), "site-0", "0" * 64, 1)
+    dp = LocalDPRound(cfg, "site-0", ledger, loader, Budget(None, 1e-5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     private, optimizer, dp_loader = dp.make_private(model, optimizer)
     engine.train(private, dp_loader, epochs=epochs, optimizer=optimizer,
@@ -70,7 +71,7 @@ def dp_round(model: nn.Module, dataset: TensorDataset, epochs: int = 1) -> tuple
 
 
 def check_sent_weights(dp: LocalDPRound, private: nn.Module, before: dict) -> None:
-    spend = dp.finish()
+    spend = dp.finish(1)
     sent = plain_state_dict(private)
     assert list(sent) == list(before)  # the server's keys, in its order: no "_module."
     assert spend["steps"] == dp.steps and spend["epsilon"] > 0

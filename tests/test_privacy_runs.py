@@ -141,3 +141,12 @@ def test_central_dp_client_side_adaptive_run_accounts_and_stops_at_the_budget(ce
     assert central["epsilon"] == pytest.approx(eps[1], abs=1e-6) and central["releases"] == 2
     assert central["clipping"] == "client" and central["adaptive"] is True
     assert all(s["epsilon"] <= 8.0 for s in summary["privacy"]["per_site"].values())
+    # adaptive clipping's per-site clipped bit is never written (only its noisy sum is used)
+    for name in ("metrics.jsonl", "summary.json", "privacy_ledger.jsonl"):
+        assert "norm_bit" not in (run_dir / name).read_text(), name
+    # each hospital's own ledger (simulation: <output_dir>/site_state/<site>) has its releases
+    site_ledger = next((run_dir.parent / "site_state" / "cleveland").rglob("*.jsonl"))
+    own = [json.loads(x) for x in site_ledger.read_text().splitlines()]
+    assert [(x["status"], x.get("steps")) for x in own] == [
+        ("trained", 1), ("trained", 1), ("budget_exhausted", 0)]
+    assert own[1]["epsilon"] == pytest.approx(eps[1], abs=1e-6)

@@ -39,6 +39,9 @@ class LocalDP(NoPrivacy):
     max_grad_norm: float = MISSING
     grad_sample_mode: str = MISSING
     secure_mode: bool = MISSING
+    # the simulated hospitals' ledgers (strategies/site_ledger.py); deployment: node_config
+    ledger_scope: str = MISSING
+    site_state_dir: str | None = MISSING
     budget: Budget = field(default_factory=Budget)
 
 
@@ -55,6 +58,9 @@ class CentralDP(NoPrivacy):
     target_clipped_quantile: float = MISSING
     clip_norm_lr: float = MISSING
     clipped_count_stddev: float | None = MISSING
+    ledger_scope: str = MISSING
+    site_state_dir: str | None = MISSING
+    secret_sample: bool = MISSING
     budget: Budget = field(default_factory=Budget)
 
 

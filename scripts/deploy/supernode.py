@@ -180,16 +180,34 @@ def probe_superlink(address: str, ca: Path, max_retries: int, max_wait_s: float)
 
 
 def node_config(data_path: Path, site_name: str, device: str | None,
-                ckks_secret_context: Path | None = None, ckks_verify_sum: bool = False) -> str:
-    """The ``--node-config`` string: TOML values, quoted."""
-    items = {"data-path": str(data_path.expanduser().resolve()), "site-name": site_name}
+                ckks_secret_context: Path | None = None, ckks_verify_sum: bool = False,
+                privacy: dict[str, str | float] | None = None) -> str:
+    """The ``--node-config`` string: TOML values, quoted (numbers as numbers)."""
+    items: dict[str, str | float] = {"data-path": str(data_path.expanduser().resolve()),
+                                     "site-name": site_name}
     if device:
         items["device"] = device
     if ckks_secret_context is not None:  # secagg=ckks: the consortium's secret context
         items["ckks-secret-context"] = str(ckks_secret_context.expanduser().resolve())
     if ckks_verify_sum:  # decrypt only sums this hospital verified itself
         items["ckks-verify-sum"] = "true"
+    items.update(privacy or {})  # the hospital's privacy limits and ledger folder
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def privacy_node_config(args: argparse.Namespace) -> dict[str, str | float]:
+    """The hospital's privacy limits and ledger folder (its state folder) as node_config."""
+    state = (args.state_dir or Path.home() / ".fedclinic" / f"supernode-{args.site_name}")
+    items: dict[str, str | float] = {"state-dir": str(Path(state).expanduser().resolve())}
+    if args.max_epsilon is not None:
+        items["privacy-epsilon-budget"] = float(args.max_epsilon)
+    if args.max_delta is not None:
+        items["privacy-delta"] = float(args.max_delta)
+    if args.mechanisms:
+        items["privacy-mechanisms"] = args.mechanisms
+    if args.ledger_scope:
+        items["privacy-ledger-scope"] = args.ledger_scope
+    return items
 
 
 def supernode_command(args: argparse.Namespace, secret: Path) -> list[str]:
@@ -199,7 +217,8 @@ def supernode_command(args: argparse.Namespace, secret: Path) -> list[str]:
         "--superlink", args.superlink,
         "--root-certificates", str(args.ca.expanduser().resolve()),
         "--node-config", node_config(args.data_path, args.site_name, args.device,
-                                     args.ckks_secret_context, args.ckks_verify_sum),
+                                     args.ckks_secret_context, args.ckks_verify_sum,
+                                     privacy_node_config(args)),
         "--max-retries", str(args.max_retries),
         "--max-wait-time", str(args.max_wait_time),
         "--host", args.runtime_host,
@@ -411,6 +430,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="this hospital's data (file or folder, per task)")
     parser.add_argument("--site-name", required=True, help="this hospital's site name")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--max-epsilon", type=float, default=None,
+                        help="the most epsilon this hospital spends, over every run on this "
+                        "data (node_config privacy-epsilon-budget)")
+    parser.add_argument("--max-delta", type=float, default=None,
+                        help="the largest delta accepted (default 1e-5; never above 1/(10 N))")
+    parser.add_argument("--mechanisms", default=None,
+                        help="privacy mechanisms accepted, comma-separated: local_dp, "
+                        "central_dp, none (default: both DP ones, plus none without a cap)")
+    parser.add_argument("--ledger-scope", choices=("data", "run"), default=None,
+                        help="epsilon composes over every run on this data (data, default) "
+                        "or within one run")
     parser.add_argument("--ckks-secret-context", type=Path, default=None,
                         help="secagg=ckks: the consortium's secret context (ckks_keys.py "
                              "create); node config key ckks-secret-context")
