@@ -123,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
     parser.add_argument("--tiny", action="store_true", help="3 hospitals, logistic regression")
+    parser.add_argument("--options", default=",".join(sorted({o[1] for o in OPTIONS})),
+                        help="comma-separated secagg options to run (default: all)")
     args = parser.parse_args(argv)
+    chosen = set(args.options.split(","))
     setup = TINY if args.tiny else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [measure(label, name, extra, n, int(setup["rounds"]), str(setup["model"]), args.out)
             for n in setup["hospitals"] for label, name, extra in OPTIONS
-            if "num_shares=5" not in extra or n > 5]
+            if name in chosen and ("num_shares=5" not in extra or n > 5)]
     result = {"setup": {k: list(v) if isinstance(v, tuple) else v for k, v in setup.items()},
               "results": rows}
     (args.out / "secure_aggregation.json").write_text(json.dumps(result, indent=2))
