@@ -88,6 +88,7 @@ class LocalGrid(Grid):
         self.seen_by_server: list[Message] = []  # copies of every reply the server got
         self.exchanges: list[Exchange] = []
         self.calls: list[Call] = []
+        self._pending: dict[str, Message] = {}  # message id -> reply (push/pull)
 
     # --- Grid -------------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -103,12 +104,16 @@ class LocalGrid(Grid):
         raise NotImplementedError
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not used: everything goes through ``send_and_receive``."""
-        raise NotImplementedError
+        """Deliver each message now; its reply waits for ``pull_messages``."""
+        messages = list(messages)
+        replies = self.send_and_receive(messages)
+        for reply in replies:
+            self._pending[reply.metadata.reply_to_message_id] = reply
+        return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not used: everything goes through ``send_and_receive``."""
-        raise NotImplementedError
+        """The replies that arrived for ``message_ids`` (a dead node's never arrive)."""
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
     def get_node_ids(self) -> list[int]:
         """The nodes still alive."""
@@ -122,10 +127,10 @@ class LocalGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             kind = _kind(msg)
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
             if self._dead(node):
                 continue
             self.received[node] += 1
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
             delivered, sent = wire(msg)
             t0 = time.perf_counter()
             reply = self.handler(delivered, self.contexts[node])

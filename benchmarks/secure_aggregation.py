@@ -8,7 +8,9 @@ cancer, the real ClientApp with its mods, real training, real cryptography) on a
 federation (``benchmarks.local_grid.LocalGrid``: every message serialised as on the wire).
 The model is the breast-cancer MLP with ``task.hidden_size=30303`` (1,000,001 parameters).
 
-Per round (mean over the rounds after the first, which includes start-up work):
+Every option runs with ``evaluate_in_train=false`` (train and evaluate messages, as secure
+aggregation needs), so rounds compare like for like. Per round (mean over the rounds after
+the first, which includes start-up work):
 - ``round_s``: the round's wall time with the hospitals' work done in parallel, i.e. the
   measured server time plus, for each message exchange, the slowest hospital (in-process the
   hospitals answer one after another; that sequential wall time is ``round_s_sequential``).
@@ -67,7 +69,8 @@ def measure(label: str, name: str, extra: str, hospitals: int, rounds: int, mode
         return {**row, "status": "not built yet"}
     cfg = compose_config(
         f"secagg={name} {extra} partition.num_sites={hospitals} num_rounds={rounds} {model} "
-        f"task.local_epochs=1 min_sites={hospitals} output_dir={out / 'runs'}"
+        f"task.local_epochs=1 min_sites={hospitals} evaluate_in_train=false "
+        f"output_dir={out / 'runs'}"
     )
     set_server_identity()
     grid = LocalGrid(hospitals, client_app)
