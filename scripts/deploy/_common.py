@@ -128,3 +128,22 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:  # type
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def child_processes(parent: int) -> list[tuple[int, str, str]]:
+    """``(pid, comm, state)`` of ``parent``'s child processes, read from /proc (Linux).
+
+    ``comm`` is the kernel's (at most 15 characters) process name; ``state`` is ``Z`` for an
+    exited child nobody has waited for yet (a zombie).
+    """
+    children = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+        if int(ppid) == parent:
+            children.append((int(entry.name), comm, state))
+    return children

@@ -20,23 +20,19 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import child_processes
+
 CLIENTAPP_COMM = "flwr-clientapp"  # /proc/<pid>/comm of Flower's ClientApp process
 REAP_INTERVAL_S = 0.5
 
 
 def exited_clientapps(parent: int) -> list[int]:
     """PIDs of ``parent``'s children that are exited ``flwr-clientapp`` processes (zombies)."""
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
-        if state == "Z" and int(ppid) == parent and CLIENTAPP_COMM.startswith(comm):
-            pids.append(int(entry.name))
-    return pids
+    return [
+        pid for pid, comm, state in child_processes(parent)
+        if state == "Z" and CLIENTAPP_COMM.startswith(comm)
+    ]
 
 
 def reap_once() -> list[int]:

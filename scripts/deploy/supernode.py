@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DeployError,
+    child_processes,
     ensure_secret,
     fail,
     flower_env,
@@ -260,17 +261,8 @@ def _become_subreaper() -> bool:
 
 
 def _children() -> list[int]:
-    """PIDs whose parent is this process (read from /proc)."""
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) == os.getpid() and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+    """PIDs of this process's children that are still running (not zombies)."""
+    return [pid for pid, _, state in child_processes(os.getpid()) if state != "Z"]
 
 
 def _stop_leftovers(grace_s: float = 5.0) -> None:
