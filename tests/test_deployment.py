@@ -111,13 +111,13 @@ def _between_hosts(fed: Federation) -> None:
 
 
 @pytest.fixture
-def dropout_hospital(federation: Federation) -> Iterator[Callable[[str], str]]:
+def dropout_hospital(federation: Federation) -> Iterator[Callable[..., str]]:
     """Start the Switzerland SuperNode under a given process name; if a test ends before it
     killed it, stop it gracefully (it deactivates, so the next test can use the same key)."""
     started: list[str] = []
 
-    def start(name: str) -> str:
-        federation.start_supernode(name, DROPOUT)
+    def start(name: str, extra: list[str] | None = None) -> str:
+        federation.start_supernode(name, DROPOUT, extra=extra)
         started.append(name)
         federation.wait_connected([name])
         return name
@@ -536,3 +536,50 @@ def test_a_hospital_claiming_another_site_is_refused_and_the_run_completes(
         fed.runner.signal_group(impostor, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             fed.runner.procs[impostor].wait(timeout=30)
+
+
+def _privacy_run(fed: Federation, name: str, output_dir: Path) -> list[dict]:
+    overrides = ("task=heart_disease privacy=local_dp privacy.noise_multiplier=3.0 "
+                 f"privacy.target_epsilon=null num_rounds=2 min_sites=4 output_dir={output_dir}")
+    proc, folder = _run_until_sites_known(fed, name, overrides, output_dir)
+    rc = _wait_exit(proc, RUN_TIMEOUT_S)
+    assert rc == 0, fed.runner.log(name)
+    return [json.loads(x) for x in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
+
+
+def test_privacy_ledger_survives_a_supernode_restart_and_the_cap_binds(
+    federation: Federation, dropout_hospital: Callable[..., str], tmp_path: Path
+) -> None:
+    """Switzerland caps its epsilon at 5.0 (supernode.py --max-epsilon). Run 1: two DP rounds.
+    Its SuperNode process is then stopped and started again (same --state-dir). Run 2:
+    round 1 composes on top of run 1 (epsilon after 3 rounds), round 2 would exceed 5.0 and
+    is refused by the site."""
+    from opacus.accountants import RDPAccountant
+
+    fed = federation
+    state = tmp_path / "switzerland-state"
+    extra = ["--state-dir", str(state), "--max-epsilon", "5.0"]
+    first = dropout_hospital(f"{DROPOUT}-dp", extra)
+    lines1 = [x for x in _privacy_run(fed, "run-dp-1", tmp_path / "runs1") if x["site"] == DROPOUT]
+    assert [x["status"] for x in lines1] == ["trained", "trained"], lines1
+    sigma, q, steps = (lines1[0][k] for k in ("noise_multiplier", "sample_rate", "steps"))
+
+    def eps(rounds: int) -> float:
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps * rounds)]
+        return acc.get_epsilon(delta=1e-5)
+
+    assert lines1[1]["epsilon"] == pytest.approx(eps(2), abs=1e-6)
+    assert eps(3) <= 5.0 < eps(4)
+    fed.runner.signal_group(first, signal.SIGTERM)  # the SuperNode process restarts
+    _wait_exit(fed.runner.procs[first], 60)
+    dropout_hospital(f"{DROPOUT}-dp-restarted", extra)
+    lines2 = [x for x in _privacy_run(fed, "run-dp-2", tmp_path / "runs2") if x["site"] == DROPOUT]
+    assert lines2[0]["status"] == "trained" and lines2[0]["epsilon"] == pytest.approx(
+        eps(3), abs=1e-6), lines2
+    assert lines2[1]["status"] == "budget_exhausted", lines2
+    assert f"{eps(4):.4f} > budget 5.0" in lines2[1]["reason"]
+    own = [json.loads(x) for x in next(state.glob("privacy_ledger/*.jsonl")).read_text()
+           .splitlines()]
+    assert [x["status"] for x in own] == ["trained"] * 3 + ["budget_exhausted"]
+    assert len({x["run"] for x in own}) == 2 and {x["scope"] for x in own} == {"data"}
