@@ -7,11 +7,13 @@ weighted by the number of training examples each site reports as ``num-examples`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
 from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
@@ -61,6 +63,27 @@ def build(
     # entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
     strategy = FedBN(strategy) if fedbn_enabled(cfg) else strategy
     return wrap_secure_aggregation(strategy, cfg)
+
+
+class FedAdam(flwr_strategy.FedAdam):
+    """Flower's FedAdam, keeping the global model's dtypes.
+
+    Flower's Adam step computes in float64, which turned a float32 model into a float64 one
+    after the first round: twice the bytes sent down, and every site's (float32) reply then
+    failed update validation's dtype check, so rounds 2.. were skipped.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAdam step, cast back to the dtypes of the model it started from."""
+        dtypes = {k: v.dtype for k, v in (self.current_arrays or {}).items()}
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or not dtypes:
+            return arrays, metrics
+        return ArrayRecord({
+            k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()
+        }), metrics
 
 
 def _aggregator(

@@ -74,8 +74,9 @@ def test_flwr_local_wrong_override_exits_non_zero(local_env: dict[str, str]) -> 
     assert proc.returncode != 0
     assert _last_line(proc) == (
         "fedclinic: invalid override 'privacy.delta=1e-5': unknown key 'privacy.delta'. Valid "
-        "keys under 'privacy': accountant, budget, grad_sample_mode, max_grad_norm, mechanism, "
-        "name, noise_multiplier, secure_mode, target_delta, target_epsilon")
+        "keys under 'privacy': accountant, budget, grad_sample_mode, ledger_scope, max_grad_norm, "
+        "mechanism, name, noise_multiplier, secure_mode, site_state_dir, target_delta, "
+        "target_epsilon")
 
 
 @pytest.mark.e2e

@@ -93,6 +93,7 @@ def test_bad_override_fails_before_training_with_a_clear_message(
         check=False,
     )
     log = proc.stdout + proc.stderr
-    assert "invalid override 'strategy=fedsgd': 'strategy' must be one of: fedadam, fedavg" in log
+    assert ("invalid override 'strategy=fedsgd': 'strategy' must be one of: bulyan, fedadam, "
+            "fedavg, fedprox") in log
     assert "Traceback" not in log
     assert not list(tmp_path.glob("*/metrics.jsonl"))

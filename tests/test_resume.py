@@ -43,6 +43,11 @@ def _committed_round(out: Path) -> int:
         return 0
 
 
+def _run_folders(out: Path) -> list[Path]:
+    """The run folders under ``out`` (simulated DP sites keep their ledgers in out/site_state)."""
+    return [p for p in out.iterdir() if (p / "config.yaml").is_file()]
+
+
 def _run_killed_after_round(args: list[str], out: Path, k: int, log: Path) -> Path:
     """Start a run, SIGKILL its process group once round k is committed; return its folder."""
     proc = _python_m_fl_app([*args, f"output_dir={out}"], log)
@@ -53,7 +58,7 @@ def _run_killed_after_round(args: list[str], out: Path, k: int, log: Path) -> Pa
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    (folder,) = out.iterdir()
+    (folder,) = _run_folders(out)
     assert not (folder / "summary.json").exists(), "the run ended before the kill"
     return folder
 
@@ -69,7 +74,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
     reference = _python_m_fl_app([*args, f"output_dir={tmp_path / 'ref'}"], log)
     assert reference.wait(timeout=600) == 0, log.read_text()[-3000:]
-    (ref_folder,) = (tmp_path / "ref").iterdir()
+    (ref_folder,) = _run_folders(tmp_path / "ref")
     expected = json.loads((ref_folder / "summary.json").read_text())
 
     folder = _run_killed_after_round(args, tmp_path / "killed", 1, log)

@@ -42,7 +42,7 @@ def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
     strategy = strategies.build(compose_config(f"strategy={name}"), num_sites=4)
     assert type(strategy) is UpdateValidation  # validation.enabled=true by default
     strategy = innermost(strategy)
-    assert type(strategy) is cls
+    assert isinstance(strategy, cls)  # Flower's class (ours: FedAdam keeping the dtypes)
     assert strategy.min_available_nodes == 4
     if name == "fedprox":
         assert strategy.proximal_mu == 0.1
@@ -71,3 +71,29 @@ def test_unknown_strategy_is_rejected() -> None:
     cfg.strategy.name = "fedsgd"
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
         strategies.build(cfg, num_sites=2)
+
+
+def test_fedadam_keeps_the_models_dtype_so_later_rounds_pass_validation() -> None:
+    """Flower's Adam step computes in float64; a float32 model must stay float32, or every
+    float32 site reply of the next round fails validation's dtype check."""
+    strategy = strategies.build(compose_config("strategy=fedadam"), num_sites=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    for server_round in (1, 2, 3):
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid()))
+        replies = [_reply(np.full(3, float(i + server_round), dtype=np.float32), 10, f"site-{i}",
+                          0.0) for i in range(2)]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None, f"round {server_round} skipped"
+        assert arrays["w"].numpy().dtype == np.float32
+
+
+class _Grid:
+    """Two connected nodes, enough for configure_train's sampling."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
