@@ -50,6 +50,18 @@ def _lines(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+
+def _assert_central_ledger(folder: Path, rounds: int, num_sites: int) -> None:
+    """One ledger line per site and round, each with the ε of Opacus's RDP accountant for
+    one Gaussian release (noise multiplier 1, every site every round) per round so far."""
+    ledger = [json.loads(x) for x in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == rounds * num_sites
+    for entry in ledger:
+        acc = RDPAccountant()
+        acc.history = [(1.0, 1.0, entry["round"])]
+        assert entry["status"] == "trained" and entry["mechanism"] == "central_dp"
+        assert entry["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), abs=1e-6)
+
 def test_breast_cancer_five_hospitals_under_secaggplus(flwr_local) -> None:
     folder, log = flwr_local("secagg=secaggplus partition.num_sites=5 num_rounds=5")
     sites = [f"site-{i}" for i in range(5)]
@@ -78,13 +90,7 @@ def test_heart_disease_central_dp_client_under_secaggplus(flwr_local, shared_dat
     assert all(line["aggregated_sites"] == hospitals for line in lines)
     # one Gaussian release per round, noise calibrated to the 4 clipped updates in the sum
     assert "central DP: Gaussian noise with stdev 0.250000 added to the average of 4" in log
-    ledger = [json.loads(x) for x in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert len(ledger) == rounds * len(hospitals)
-    for entry in ledger:
-        acc = RDPAccountant()
-        acc.history = [(1.0, 1.0, entry["round"])]
-        assert entry["status"] == "trained" and entry["mechanism"] == "central_dp"
-        assert entry["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), abs=1e-6)
+    _assert_central_ledger(folder, rounds, len(hospitals))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["secure_aggregation"] == "secaggplus"
     assert summary["privacy"]["central"]["releases"] == rounds
@@ -120,13 +126,7 @@ def test_central_dp_client_composes_with_ckks(flwr_local, tmp_path: Path) -> Non
     assert all(line["aggregated_sites"] == sites for line in _lines(folder))
     # the noise is added once, by the server, to the decrypted average of 4 clipped updates
     assert "central DP: Gaussian noise with stdev 0.250000 added to the average of 4" in log
-    ledger = [json.loads(x) for x in (folder / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert len(ledger) == rounds * len(sites)
-    for entry in ledger:
-        acc = RDPAccountant()
-        acc.history = [(1.0, 1.0, entry["round"])]
-        assert entry["status"] == "trained" and entry["mechanism"] == "central_dp"
-        assert entry["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), abs=1e-6)
+    _assert_central_ledger(folder, rounds, len(sites))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["secure_aggregation"] == "ckks"
     assert summary["privacy"]["central"]["releases"] == rounds
