@@ -266,7 +266,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                   f"{d.get('hospital_cpu_s')}, {d.get('hospital_cpu_s_per_message')} per message",
                   f"- run: exit {d['rc']}, status {d['status']}, mean site accuracy "
                   f"{d['mean_site_accuracy']}, total {d['total_s']} s, submission to the start of "
-                  f"round 1 {d['submit_to_first_round_s']} s",
+                  f"round 1 {d.get('submit_to_first_round_s')} s",
                   f"- zombie flwr-clientapp processes after the run: "
                   f"{d['zombie_clientapps_after_run']}", "",
                   "| round | seconds |", "|---|---|"]
@@ -274,7 +274,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += [f"| mean | {d['mean_round_s']} |", "",
                   "| message | count | per site | median s | max s |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {d['messages_per_site'][k]} | {v['median']} | "
+        lines += [f"| {k} | {v['n']} | {d.get('messages_per_site', {}).get(k)} | {v['median']} | "
                   f"{v['max']} |" for k, v in d["per_message_s"].items()]
         lines.append("")
     return "\n".join(lines)
