@@ -36,12 +36,7 @@ def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save(fig, path)
 
 
 def _value(v: Any) -> float:
@@ -68,6 +63,11 @@ def plot_reliability(bins: list[dict[str, Any]], path: Path, title: str) -> Path
                align="edge", color="grey", edgecolor="black")
     bottom.set_xlabel("predicted probability of the positive class")
     bottom.set_ylabel("images")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically to ``path`` and close it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
