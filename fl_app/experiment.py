@@ -437,9 +437,12 @@ def _finish(
     )
     log(
         INFO,
-        "fedclinic: mean per-site accuracy %s, pooled AUC %s",
+        "fedclinic: mean per-site accuracy %s, mean per-site AUC %s, pooled AUC %s; "
+        "worst site %s",
         _fmt(summary["mean_site_accuracy"]),
+        _fmt(summary["mean_site_auc"]),
         _fmt(summary["pooled"].get("auc")),
+        summary["worst_site"].get("accuracy", {}).get("site"),
     )
     ledger.log_final(summary["privacy"])
     log(INFO, "fedclinic: run folder: %s", run.path)
