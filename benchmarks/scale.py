@@ -114,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="up to 100 / 500 hospitals")
     size.add_argument("--tiny", action="store_true", help="3 hospitals, 1 round")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated numbers of hospitals (default: the size's own)")
     args = parser.parse_args(argv)
     name = "full" if args.full else "tiny" if args.tiny else "default"
     chosen = args.tasks.split(",") if args.tasks else list(SIZES[name])
     result: dict[str, Any] = {"machine": machine(), "size": name, "rounds": ROUNDS[name],
                               "goal_peak_gib": GOAL_GIB, "rows": []}
     for task in chosen:
-        for sites in SIZES[name].get(task, SIZES["full"].get(task, ())):
+        sizes = ([int(n) for n in args.sizes.split(",")] if args.sizes
+                 else SIZES[name].get(task, ()))
+        for sites in sizes:
             result["rows"].append(measure(task, sites, ROUNDS[name], args.out))
     result["load_average_after"] = machine()["load_average"]
     m = result["machine"]
