@@ -1,21 +1,36 @@
 """UCI Heart Disease, four real hospitals: Cleveland, Hungary, Switzerland, VA Long Beach.
 
 One hospital = one site. Protocols (``task.protocol``):
-- ``flamby`` (default), as the FLamby Fed-Heart-Disease benchmark: drop ``slope``, ``ca``,
-  ``thal``; drop rows with a missing value (740 patients: 303/261/46/130); ``chol`` = 0 means
-  "unknown" in the UCI files, so it is treated as missing and imputed with the federated mean
-  instead of being read as a cholesterol of 0.
-- ``impute``: keep all 920 patients; every missing value is imputed with the federated mean.
-Chest-pain type and resting ECG are one-hot encoded; target: ``num > 0``.
+- ``flamby`` (default): exactly FLamby's Fed-Heart-Disease (owkin/FLamby,
+  ``flamby/datasets/fed_heart_disease/dataset.py``): drop ``slope``, ``ca``, ``thal``; drop
+  rows with a missing value (740 patients: 303/261/46/130); ``chol`` = 0 kept as a value;
+  chest-pain type and resting ECG one-hot with the first level dropped (13 features); per
+  hospital FLamby's split: ``train_test_split(range(n), test_size=1 - 0.66, train_size=0.66,
+  random_state=43, shuffle=True)``, stratified on the binary target when both classes have
+  more than 2 patients (train/test 199/104, 172/89, 30/16, 85/45). One change, for trust: a
+  training row that duplicates a test row is dropped (VA: one patient is in the file twice
+  and FLamby's split puts one copy on each side, so VA trains on 84), so the test sets are
+  exactly FLamby's and no test patient is trained on.
+- ``flamby_sizes``: the protocol before FLamby's split was matched: FLamby's rows
+  (duplicates dropped first), ``chol`` = 0 read as unknown and imputed with the federated
+  mean, every level one-hot (15 features), split with ``task.split_seed`` (default 42) and
+  ``task.test_fraction``.
+- ``impute``: keep all 920 patients (less the duplicated lines); every missing value is
+  imputed with the federated mean; features and split as ``flamby_sizes``.
+Target: ``num > 0``. Under ``flamby_sizes`` and ``impute`` duplicated patient lines (one each
+in the Hungarian and VA files) are dropped before splitting; the log says how many.
 """
 
 from __future__ import annotations
 
 import math
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
+from flwr.common.logger import log
 from omegaconf import DictConfig
+from sklearn.model_selection import train_test_split
 
 from tasks import tabular
 from tasks.base import DataError, SiteData, SiteRef, Task
@@ -35,7 +50,13 @@ COLUMNS = [
 DROPPED = ("slope", "ca", "thal")
 CATEGORICAL = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2)}
 MISSING = {"nan", "?", ""}
-PROTOCOLS = ("flamby", "impute")
+PROTOCOLS = ("flamby", "flamby_sizes", "impute")
+# FLamby's split (HeartDiseaseRaw): train_fraction 0.66, random_state 43, stratified when
+# both classes have more than FLAMBY_MIN_CLASS patients
+FLAMBY_TRAIN_FRACTION = 0.66
+FLAMBY_SEED = 43
+FLAMBY_MIN_CLASS = 2
+DEFAULT_SPLIT_SEED = 42  # flamby_sizes and impute when task.split_seed is null
 
 
 def read_site_file(path: Path) -> np.ndarray:
@@ -78,16 +99,54 @@ def read_site_file(path: Path) -> np.ndarray:
     return table
 
 
-def encode(table: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Apply the protocol: select rows and columns, one-hot categoricals, binary target."""
+def _line_keys(table: np.ndarray) -> list[bytes]:
+    """One hashable key per patient line (NaN compares equal to NaN)."""
+    return [row.tobytes() for row in np.where(np.isnan(table), np.inf, table)]
+
+
+def drop_duplicate_lines(table: np.ndarray) -> tuple[np.ndarray, int]:
+    """The table without repeated patient lines (first copy kept, order kept); how many went.
+
+    A repeated line is one patient counted twice: split naively, the copies can land on both
+    sides of the train/test split.
+    """
+    seen: set[bytes] = set()
+    keep = np.ones(len(table), dtype=bool)
+    for i, key in enumerate(_line_keys(table)):
+        keep[i] = key not in seen
+        seen.add(key)
+    return table[keep], int((~keep).sum())
+
+
+def kept_rows(table: np.ndarray, protocol: str) -> np.ndarray:
+    """Mask of the lines the protocol keeps (``flamby``/``flamby_sizes``: complete ones)."""
     if protocol not in PROTOCOLS:
         raise DataError(f"task.protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    used = [COLUMNS.index(c) for c in COLUMNS if c not in DROPPED]
+    if protocol == "impute":
+        return np.ones(len(table), dtype=bool)
+    return ~np.isnan(table[:, used]).any(axis=1)
+
+
+def encode(table: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Apply the protocol: select rows and columns, one-hot categoricals, binary target.
+
+    ``flamby``: complete rows, ``chol`` kept as read, one-hot without the first level, the
+    categorical columns last (FLamby's ``pd.get_dummies(..., drop_first=True)`` order).
+    """
+    table = table[kept_rows(table, protocol)]
     keep = [c for c in COLUMNS[:-1] if c not in DROPPED]
     x = table[:, [COLUMNS.index(c) for c in keep]]
     y = (table[:, COLUMNS.index("num")] > 0).astype(np.int64)
     if protocol == "flamby":
-        complete = ~np.isnan(x).any(axis=1)
-        x, y = x[complete], y[complete]
+        plain = [i for i, col in enumerate(keep) if col not in CATEGORICAL]
+        columns = [x[:, i] for i in plain]
+        names = [keep[i] for i in plain]
+        for col, levels in CATEGORICAL.items():
+            for level in levels[1:]:
+                columns.append((x[:, keep.index(col)] == level).astype(float))
+                names.append(f"{col}={level}")
+        return np.stack(columns, axis=1), y, names
     chol = keep.index("chol")
     x[x[:, chol] == 0, chol] = np.nan  # 0 = unknown in the UCI files
     columns, names = [], []
@@ -101,6 +160,21 @@ def encode(table: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray, li
             columns.append(x[:, i])
             names.append(col)
     return np.stack(columns, axis=1), y, names
+
+
+def flamby_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FLamby's per-centre split of ``len(y)`` rows: (train indices, test indices), sorted."""
+    classes, counts = np.unique(y, return_counts=True)
+    stratify = y if len(classes) > 1 and (counts > FLAMBY_MIN_CLASS).all() else None
+    _, test = train_test_split(
+        np.arange(len(y)), test_size=1.0 - FLAMBY_TRAIN_FRACTION,
+        train_size=FLAMBY_TRAIN_FRACTION, random_state=FLAMBY_SEED, shuffle=True,
+        stratify=stratify,
+    )
+    # FLamby labels every row that is not a test row "train"
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[test] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
 def site_names(cfg: DictConfig) -> list[str]:
@@ -151,11 +225,42 @@ def check_data_path(path: Path, site_name: str) -> None:
 
 def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
     """Read, encode and split one hospital's patients (before federated standardisation)."""
+    protocol = cfg.task.protocol
     table = read_site_file(_site_path(cfg, site))
-    x, y, names = encode(table, cfg.task.protocol)
-    return tabular.make_site(
-        site.name, x, y, cfg.task.test_fraction, cfg.task.split_seed, names
-    )
+    if protocol == "flamby":
+        _check_flamby_split(cfg)
+        x, y, names = encode(table, protocol)
+        train, test = flamby_split(y)
+        # FLamby's split on FLamby's rows keeps the test sets exactly FLamby's; a training
+        # line that repeats a test line (the same patient twice) is dropped from training
+        keys = _line_keys(table[kept_rows(table, protocol)])
+        in_test = {keys[i] for i in test}
+        leaked = np.array([keys[i] in in_test for i in train], dtype=bool)
+        if leaked.any():
+            log(INFO, "fedclinic: heart_disease %s: dropped %d training line(s) repeating a "
+                "test patient", site.name, int(leaked.sum()))
+        return tabular.make_site(site.name, x, y, 0.0, 0, names, split=(train[~leaked], test))
+    table, dropped = drop_duplicate_lines(table)
+    if dropped:
+        log(INFO, "fedclinic: heart_disease %s: dropped %d duplicated patient line(s) before "
+            "splitting", site.name, dropped)
+    x, y, names = encode(table, protocol)
+    seed = DEFAULT_SPLIT_SEED if cfg.task.split_seed is None else cfg.task.split_seed
+    return tabular.make_site(site.name, x, y, cfg.task.test_fraction, seed, names)
+
+
+def _check_flamby_split(cfg: DictConfig) -> None:
+    """``protocol=flamby`` is FLamby's fixed split: refuse a different seed or test share."""
+    seed, fraction = cfg.task.split_seed, cfg.task.test_fraction
+    if seed not in (None, FLAMBY_SEED) or not math.isclose(
+        fraction, 1.0 - FLAMBY_TRAIN_FRACTION, abs_tol=1e-9
+    ):
+        raise DataError(
+            f"task.protocol=flamby is FLamby's fixed split (random_state={FLAMBY_SEED}, "
+            f"test_fraction {1 - FLAMBY_TRAIN_FRACTION:.2f}); got split_seed={seed}, "
+            f"test_fraction={fraction}: use task.protocol=flamby_sizes or impute for another "
+            "split"
+        )
 
 
 TASK = Task(

@@ -44,10 +44,15 @@ def split_site(
 
 def make_site(
     name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
-    feature_names: list[str],
+    feature_names: list[str], split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SiteData:
-    """Split a site's raw rows; datasets are filled in after federated standardisation."""
-    x_train, x_test, y_train, y_test = split_site(x, y, test_fraction, seed)
+    """Split a site's raw rows (``split_site``, or the given (train, test) row indices);
+    datasets are filled in after federated standardisation."""
+    if split is None:
+        x_train, x_test, y_train, y_test = split_site(x, y, test_fraction, seed)
+    else:
+        train, test = split
+        x_train, x_test, y_train, y_test = x[train], x[test], y[train], y[test]
     return SiteData(
         name=name,
         train=TensorDataset(torch.empty(0)),

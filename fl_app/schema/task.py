@@ -34,7 +34,7 @@ class HeartDisease(BreastCancer):
     """conf/task/heart_disease.yaml."""
 
     protocol: str = MISSING
-    split_seed: int = MISSING
+    split_seed: int | None = MISSING
 
 
 @dataclass
