@@ -49,7 +49,8 @@ def heart_cfg(shared_data: Path, overrides: str):
 
 
 def federated_stats(cfg) -> dict:
-    """The global feature statistics the server would combine from the four hospitals."""
+    """The global feature statistics the server would combine from the four hospitals
+    (``mean`` has one entry per feature)."""
     task = get_task("heart_disease")
     names = task.site_names(cfg)
     sites = [task.load_site(cfg, SiteRef(n, index=i)) for i, n in enumerate(names)]
@@ -70,7 +71,7 @@ class Site:
         self.context = Context(run_id=run_id, node_id=index + 1, node_config=node_config,
                                state=RecordDict(), run_config={})
         task = get_task("heart_disease")
-        info = {"num_features": 15, "num_classes": 2}
+        info = {"num_features": len(json.loads(self.stats)["mean"]), "num_classes": 2}
         torch.manual_seed(0)
         self.arrays = ArrayRecord(task.build_model(cfg, info).state_dict())
 
@@ -119,7 +120,7 @@ def test_epsilon_after_1_3_10_rounds_equals_opacus_on_the_same_history(shared_da
 def test_prv_accountant_is_selectable_and_matches_opacus(shared_data):
     cfg = heart_cfg(shared_data, "privacy.accountant=prv privacy.noise_multiplier=1.2 "
                     "privacy.target_epsilon=null num_rounds=3")
-    site = Site(cfg, index=3)  # VA Long Beach: 85 patients, 6 batches per epoch
+    site = Site(cfg, index=3)  # VA Long Beach: 84 patients, 6 batches per epoch
     for server_round in (1, 2):
         spend, _ = site.train_round(server_round)
         assert spend["accountant"] == "prv"
@@ -188,7 +189,7 @@ def test_empty_poisson_batches_are_noise_only_steps(shared_data, tmp_path):
     context = Context(run_id=1, node_id=1, node_config={"state-dir": str(tmp_path)},
                       state=RecordDict(), run_config={})
     privacy = SitePrivacy(cfg, "cleveland", context, loader)
-    model = task.build_model(cfg, {"num_features": 15})
+    model = task.build_model(cfg, site.info)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer, dp_loader = privacy.private(model, optimizer, loader)
     # P(no empty batch in 20 passes of 3) = (1 - (2/3)^3)^60 < 1e-9: not flaky
