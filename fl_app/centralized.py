@@ -43,6 +43,7 @@ from fl_app.metrics import choose_site_threshold, pooled_metrics, public_site_me
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.threshold import rule_of
+from fl_app.tracking import Tracker
 from tasks import SiteData, SiteRef, Task, engine, get_task
 from tasks.base import pick_device
 from tasks.federated_stats import combine_moments
@@ -141,6 +142,18 @@ def run_centralized(cfg: DictConfig, compare_with: Path | None = None) -> RunFol
         "compared_with": str(compare_with) if compare_with is not None else None})
     log(INFO, "fedclinic centralized: task=%s, %d sites pooled (%d training examples); "
         "run folder %s", cfg.task.name, len(sites), sum(s.num_train for s in sites), run.path)
+    tracker = Tracker(cfg)  # tracking=mlflow only
+    tracker.start(run)
+    try:
+        _train(cfg, task, model, sites, device, run, tracker)
+    finally:  # also when training fails: the MLflow run is closed as failed
+        tracker.end(run)
+    return run
+
+
+def _train(cfg: DictConfig, task: Task, model: torch.nn.Module, sites: list[SiteData],
+           device: torch.device, run: RunFolder, tracker: Tracker) -> None:
+    """The epoch blocks, their metrics.jsonl lines, the final threshold and the results."""
     pooled_train = ConcatDataset([s.train for s in sites])
     optimizer = engine.make_optimizer(model, cfg.task)
     history: list[dict[str, Any]] = []
@@ -152,6 +165,7 @@ def run_centralized(cfg: DictConfig, compare_with: Path | None = None) -> RunFol
         line, raw = evaluate_sites(model, sites, device, round_, result["train_loss"], task)
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
+        tracker.log_round(line)
         run.save_model("checkpoints/latest.pt", _cpu_state(model))
         log(INFO, "[epoch block %d/%d] pooled: accuracy %.4f  auc %.4f  train_loss %.4f",
             round_, cfg.num_rounds, line["pooled"]["accuracy"],
@@ -162,7 +176,6 @@ def run_centralized(cfg: DictConfig, compare_with: Path | None = None) -> RunFol
                                         history[-1]["train"][CENTRALIZED]["train_loss"], task,
                                         threshold)
     finish(run, cfg, model, history)
-    return run
 
 
 def evaluate_sites(model: torch.nn.Module, sites: list[SiteData], device: torch.device,

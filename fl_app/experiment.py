@@ -52,6 +52,7 @@ from fl_app.sites import (
     wait_for_stable_nodes,
 )
 from fl_app.threshold import rule_of
+from fl_app.tracking import Tracker
 from strategies import evaluate_in_train
 from strategies.budget import PrivacyStop, secret_sample
 from strategies.factory import WEIGHT_KEY
@@ -74,8 +75,14 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
     (``status: failed`` and the ``reason``), then propagates: the caller exits non-zero.
     """
     folders: list[RunFolder] = []
+    tracker = Tracker(cfg)  # tracking=mlflow only; the default imports and does nothing
+
+    def created(run: RunFolder) -> None:
+        folders.append(run)
+        tracker.start(run)
+
     try:
-        return _experiment(grid, cfg, folders.append)
+        run = _experiment(grid, cfg, created, tracker.log_round)
     except Exception as err:
         if folders and "summary.json" not in folders[0].written:
             reason = str(err) or type(err).__name__
@@ -84,11 +91,16 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
                 "task": cfg.task.name, "strategy": cfg.strategy.name, "status": "failed",
                 "reason": reason, "run_dir": str(folders[0].path), "audit_sha256": head,
             })
+        tracker.end(folders[0] if folders else None)
         raise
+    tracker.end(run)
+    return run
 
 
-def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None]) -> RunFolder:
-    """The experiment; ``created`` is told the run folder as soon as it exists."""
+def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None],
+                written: Callable[[dict[str, Any]], None]) -> RunFolder:
+    """The experiment; ``created`` is told the run folder as soon as it exists, ``written``
+    every metrics.jsonl line once it is written."""
     seed_everything(cfg.seed)
     rule_of(cfg)  # a bad task.threshold fails now, not after the first round
     check_secure_aggregation(cfg)  # a refused combination stops before any site is asked
@@ -198,6 +210,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
             line.update({k: fresh[k] for k in ("pooled", "per_site", "missing_sites")})
         history.append(line)
         run.append_jsonl("metrics.jsonl", line)
+        written(line)
         _log_round(line, cfg.num_rounds)
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -37,3 +37,16 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="session")
+def small_federated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real federated run shared by the tests that read a finished run folder: breast
+    cancer, four simulated hospitals, 2 rounds, in-process simulation, tracked with MLflow
+    (``tracking=mlflow``: MLflow's local store ``mlflow.db`` beside the run folder)."""
+    from fl_app.config import compose_config
+    from fl_app.simulation import simulate
+
+    out = tmp_path_factory.mktemp("federated")
+    cfg = compose_config(f"partition.num_sites=4 num_rounds=2 tracking=mlflow output_dir={out}")
+    return simulate(cfg).path

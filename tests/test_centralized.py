@@ -77,30 +77,21 @@ def test_baseline_refuses_differential_privacy(shared_data: Path, tmp_path: Path
     assert not any(tmp_path.iterdir())  # no half-made run folder
 
 
-@pytest.fixture(scope="module")
-def four_site_federated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real federated run (in-process simulation) of four simulated hospitals."""
-    from fl_app.simulation import simulate
-
-    out = tmp_path_factory.mktemp("federated")
-    return simulate(compose_config(f"partition.num_sites=4 num_rounds=1 output_dir={out}")).path
-
-
 @pytest.mark.e2e
 def test_baseline_takes_the_sites_of_the_federated_run(
-    four_site_federated_run: Path, tmp_path: Path
+    small_federated_run: Path, tmp_path: Path
 ) -> None:
     """compare_with=<run folder>: the baseline's sites and pooled test set are the run's
     (partition.num_sites left null here: the four sites come from the run folder)."""
-    federated = json.loads((four_site_federated_run / "summary.json").read_text())
-    fed_sites = json.loads((four_site_federated_run / "sites.json").read_text())["sites"]
+    federated = json.loads((small_federated_run / "summary.json").read_text())
+    fed_sites = json.loads((small_federated_run / "sites.json").read_text())["sites"]
     assert len(fed_sites) == 4  # not the 3 the baseline used to assume
-    assert main([f"compare_with={four_site_federated_run}", "num_rounds=1",
+    assert main([f"compare_with={small_federated_run}", "num_rounds=2",
                  f"output_dir={tmp_path}"]) == 0
     (run,) = tmp_path.iterdir()
     sites = json.loads((run / "sites.json").read_text())
     assert sites["sites"] == fed_sites
-    assert sites["compared_with"] == str(four_site_federated_run)
+    assert sites["compared_with"] == str(small_federated_run)
     summary = json.loads((run / "summary.json").read_text())
     assert sorted(summary["per_site"]) == sorted(federated["per_site"])
     assert summary["pooled"]["num-examples"] == federated["pooled"]["num-examples"]
@@ -113,11 +104,11 @@ def test_baseline_takes_the_sites_of_the_federated_run(
 
 @pytest.mark.e2e
 def test_baseline_refuses_sites_unlike_the_federated_run(
-    four_site_federated_run: Path, tmp_path: Path
+    small_federated_run: Path, tmp_path: Path
 ) -> None:
     cfg = compose_config(f"partition.num_sites=4 partition=dirichlet output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=r"sites differ from the federated run's.*site-0"):
-        run_centralized(cfg, compare_with=four_site_federated_run)
+        run_centralized(cfg, compare_with=small_federated_run)
     assert not any(tmp_path.iterdir())
 
 

@@ -271,8 +271,8 @@ def test_submit_stream_drops_flowers_traceback_but_keeps_our_reason() -> None:
 
 def test_client_app_imports_only_what_every_message_needs() -> None:
     """A flwr-clientapp process starts per message: importing the ClientApp must not pull in
-    Opacus (local DP only), MONAI (imaging only), scikit-learn, plotting or Hydra."""
-    heavy = ("opacus", "monai", "sklearn", "scipy", "matplotlib", "hydra", "tenseal")
+    Opacus (local DP only), MONAI (imaging only), scikit-learn, plotting, Hydra or MLflow."""
+    heavy = ("opacus", "monai", "sklearn", "scipy", "matplotlib", "hydra", "tenseal", "mlflow")
     done = subprocess.run(
         [sys.executable, "-c", "import sys, fl_app.client_app; "
          f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"],

@@ -27,6 +27,7 @@ class Config:
     privacy: Any = MISSING
     secagg: Any = MISSING
     partition: Any = MISSING
+    tracking: Any = MISSING
     num_rounds: int = MISSING
     seed: int = MISSING
     fedbn: bool = MISSING
