@@ -14,10 +14,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app import faults
+from fl_app import faults, personalize
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
+from strategies.compression import compression_mod
 from strategies.evaluate_in_train import EVALUATE_KEY, EVALUATION_RECORD
 from strategies.fedbn import fedbn_mod
 from strategies.secure_aggregation import secure_aggregation_mod
@@ -32,8 +33,11 @@ central_dp_clipping_mod = make_clipping_mod(CONFIG_KEY)
 # the inner mods produced: FedBN (fedbn=true) has taken the site-local normalisation layers
 # out of it and central DP has clipped it. FedBN also wraps evaluate (its layers stay local).
 # fault_mod (simulation only) inside secure aggregation: a faulty site's update is what it
-# masks and sends, as a real bad site's would be
-TRAIN_MODS = [secure_aggregation_mod, faults.fault_mod, fedbn_mod, central_dp_clipping_mod]
+# masks and sends, as a real bad site's would be. Compression (refused with secure
+# aggregation) encodes what every inner mod produced: the update after FedBN took its layers
+# out and after central-DP clipping (it re-clips what it encodes), a faulty update as it is.
+TRAIN_MODS = [secure_aggregation_mod, compression_mod, faults.fault_mod, fedbn_mod,
+              central_dp_clipping_mod]
 EVALUATE_MODS = [fedbn_mod]
 
 
@@ -108,6 +112,9 @@ def train(msg: Message, context: Context) -> Message:
         content = privacy.refusal_reply(msg, refusal,
                                         {SITE_RECORD: _site_record(session), **evaluation})
         return Message(content, reply_to=msg)
+    # Ditto: the site's personal model trains first, towards the global model it received
+    personal = (personalize.ditto_round(session, context, model, train_data, server_round)
+                if personalize.method(cfg) == "ditto" else {})
     optimizer = engine.make_optimizer(model, cfg.task)
     model, optimizer, loader = privacy.private(model, optimizer, loader)
     result = engine.train(
@@ -116,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         step_on_empty=privacy.step_on_empty,
     )
     metrics = MetricRecord({"train_loss": result["train_loss"], "num-examples": site.num_train,
-                            **privacy.metrics()})
+                            **privacy.metrics(), **personal})
     content = RecordDict({
         "arrays": ArrayRecord(privacy.state_dict(model)),
         "metrics": metrics,
@@ -131,10 +138,18 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's test split (and send the k-patient score
     groups of its validation split, from which the server picks the operating threshold);
-    with ``threshold-logit`` in the config, at that threshold instead of argmax."""
+    with ``threshold-logit`` in the config, at that threshold instead of argmax; with
+    ``personalize`` in the config, the site's personal model instead (fl_app/personalize.py:
+    fine-tuned now, or Ditto's), which never leaves the site."""
     session = SiteSession(msg, context.node_config)
-    threshold = msg.content["config"].get("threshold-logit")  # set after the last round
-    metrics = _evaluation(session, _model(session, msg),
-                          None if threshold is None else float(threshold))
+    config = msg.content["config"]
+    threshold = config.get("threshold-logit")  # set after the last round
+    model = _model(session, msg)
+    if personalize.PERSONALIZE_KEY in config:  # after the last round: the personal model
+        train_data = faults.training_data(session.cfg, session.ref.name, session.site().train,
+                                          session.site().num_classes)
+        model = personalize.personal_model(session, context, model, train_data,
+                                           int(config.get("server-round", 0)))
+    metrics = _evaluation(session, model, None if threshold is None else float(threshold))
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
     return Message(content, reply_to=msg)

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 import strategies
-from fl_app import faults
+from fl_app import faults, personalize
 from fl_app.audit import AuditTrail
 from fl_app.checkpoint import (
     RoundOffset,
@@ -53,7 +53,7 @@ from fl_app.sites import (
 )
 from fl_app.threshold import rule_of
 from fl_app.tracking import Tracker
-from strategies import evaluate_in_train
+from strategies import compression, evaluate_in_train
 from strategies.budget import PrivacyStop, secret_sample
 from strategies.factory import WEIGHT_KEY
 from strategies.secure_aggregation import check_secure_aggregation, secagg_name
@@ -104,6 +104,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     seed_everything(cfg.seed)
     rule_of(cfg)  # a bad task.threshold fails now, not after the first round
     check_secure_aggregation(cfg)  # a refused combination stops before any site is asked
+    personalize.check(cfg)
     task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
     if expected is None:  # simulated partition: one site per connected SuperNode
@@ -233,6 +234,8 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         line["rejected"] = {
             r["site"]: r["reason"] for r in round_rejections(strategy, server_round)
         }
+        # bytes each site's train message and reply carried (strategies/compression.py)
+        line.update(compression.round_bytes(strategy, server_round))
         skipped = skipped_reason(strategy, server_round)
         if skipped is not None:
             line["skipped"] = skipped
@@ -294,6 +297,11 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
         _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
     outcome = {**_outcome(guard, stopped), "refused_nodes": [r.as_dict() for r in refused],
                "app": app}
+    if stopped is None and history and personalize.method(cfg) != personalize.NONE:
+        # each hospital's own model, evaluated where it lives (fl_app/personalize.py)
+        outcome["personalized"] = personalize.evaluate_personal(
+            guard, cfg, record, final, len(history), collector.threshold_logit,
+            history[-1]["per_site"], cfg.round_timeout_s)
     outcome["audit_sha256"] = audit.append("end", status=outcome["status"],
                                            reason=outcome["reason"])
     _finish(run, cfg, final, history, ledger, outcome)
@@ -444,6 +452,7 @@ def _finish(
             "privacy": ledger.summary(),
             "threshold_rule": cfg.task.get("threshold"),
             "secure_aggregation": secagg_name(cfg),
+            "compression": compression.summary(cfg, history),
             **(outcome or {"status": "completed"}),
         },
         f"{cfg.task.name} / {cfg.strategy.name} / privacy={cfg.privacy.name}",

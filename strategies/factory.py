@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
 from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
+from strategies.compression import with_compression
 from strategies.fedbn import FedBN
 from strategies.fedbn import enabled as fedbn_enabled
 from strategies.privacy import wrap_strategy
@@ -45,7 +46,8 @@ def build(
     noise added once to the average); update validation (``strategies.validation``: rejects
     bad single updates, so the DP noise is calibrated to the updates actually averaged); the
     privacy guard (budgets, ledger; it must see each site's reply, rejected ones included);
-    FedBN (completes replies with the global normalisation layers); secure aggregation
+    FedBN (completes replies with the global normalisation layers); compression (decodes
+    each reply, counts the bytes of train messages; strategies/compression.py); secure aggregation
     outermost (``strategies.secure_aggregation``): it turns the masked replies into per-site
     replies carrying the unmasked weighted average, so everything inside works unchanged
     (validation is then off: no single update is visible). ``node_sites`` maps node ids to
@@ -62,6 +64,9 @@ def build(
     # FedBN: replies lacking the sites' normalisation layers are completed with the global
     # entries before any DP wrapper or aggregator sees them (strategies/fedbn.py)
     strategy = FedBN(strategy) if fedbn_enabled(cfg) else strategy
+    # compression (and the bytes each train message carries): replies are decoded before any
+    # other wrapper sees them (strategies/compression.py); refused under secure aggregation
+    strategy = with_compression(strategy, cfg, node_sites)
     return wrap_secure_aggregation(strategy, cfg)
 
 

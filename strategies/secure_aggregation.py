@@ -109,6 +109,9 @@ REFUSALS: tuple[Refusal, ...] = (
             "no longer sees; use strategy=fedavg, fedprox or fedadam"),
     Refusal("contribution", lambda c: _enabled(c.get("contribution")),
             "contribution scores need each hospital's own update; set contribution to none"),
+    Refusal("compression", lambda c: _enabled(c.get("compression")),
+            "masked SecAgg+ vectors and CKKS ciphertexts cannot be compressed without breaking "
+            "the protocol; set compression=none"),
 )
 
 

@@ -37,6 +37,7 @@ def train(
     device: torch.device,
     proximal_mu: float = 0.0,
     step_on_empty: bool = False,
+    anchor: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` local epochs; return mean loss and examples seen.
 
@@ -47,7 +48,10 @@ def train(
     """
     model.to(device).train()
     criterion = nn.CrossEntropyLoss()
-    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    global_params = (
+        [p.detach().to(device) for p in anchor] if anchor is not None
+        else [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    )
     total_loss, total_examples = 0.0, 0
     for _ in range(epochs):
         for x, y in loader:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 from hydra.core.config_store import ConfigStore
 
-from fl_app.schema import partition, privacy, secagg, strategy, task, top, tracking
+from fl_app.schema import partition, personalize, privacy, secagg, strategy, task, top, tracking
 
 # One module per config group: its SCHEMAS maps "<option>_schema" -> dataclass.
 GROUPS: dict[str, ModuleType] = {
@@ -27,6 +27,7 @@ GROUPS: dict[str, ModuleType] = {
     "secagg": secagg,
     "partition": partition,
     "tracking": tracking,
+    "personalize": personalize,
 }
 
 

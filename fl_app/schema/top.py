@@ -28,6 +28,7 @@ class Config:
     secagg: Any = MISSING
     partition: Any = MISSING
     tracking: Any = MISSING
+    personalize: Any = MISSING
     num_rounds: int = MISSING
     seed: int = MISSING
     fedbn: bool = MISSING
@@ -43,3 +44,5 @@ class Config:
     # site -> fault (simulation only; fl_app/faults.py)
     faults: dict[str, str] = field(default_factory=dict)
     evaluate_in_train: bool = MISSING
+    # none | fp16 | int8 | topk:<fraction> (strategies/compression.py)
+    compression: str = MISSING
