@@ -150,6 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                           session.site().num_classes)
         model = personalize.personal_model(session, context, model, train_data,
                                            int(config.get("server-round", 0)))
+        personalize.save_personal(session, context, model)
     metrics = _evaluation(session, model, None if threshold is None else float(threshold))
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
     return Message(content, reply_to=msg)

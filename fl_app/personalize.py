@@ -15,7 +15,8 @@ own patients, that never leaves the hospital. Only its test metrics travel.
 After the last round (and the operating-threshold evaluation, when there is one) the server
 sends every site one more evaluate message carrying ``personalize`` in its config: the site
 evaluates its personal model (fine-tuned now, or Ditto's) on its test split, at the same
-operating threshold as the global model, and answers with the usual evaluate metrics.
+operating threshold as the global model, and answers with the usual evaluate metrics. The
+site keeps the personal model in its state folder (``save_personal``).
 summary.json ``personalized`` = :func:`fl_app.results.site_summary` of those replies (the
 shape of the top level: ``pooled``, ``per_site``, ``mean_site_accuracy``, ...) plus
 ``method``, ``settings``, ``missing_sites`` and ``gain`` (personal minus global, per site and
@@ -27,7 +28,9 @@ computed from it would leave the hospital outside the privacy guarantee.
 
 from __future__ import annotations
 
-from logging import ERROR, INFO
+import io
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ from torch.utils.data import Dataset
 
 from fl_app.errors import ConfigError
 from fl_app.metrics import metrics_of, pooled_metrics, public_site_metrics, site_name
+from fl_app.run_folder import atomic_write_bytes
 from tasks import engine
 
 NONE = "none"
@@ -124,6 +128,28 @@ def ditto_round(session: Any, context: Context, global_model: nn.Module, train_d
     context.state[STATE_KEY] = ArrayRecord(_state_dict(personal))
     context.state[ROUNDS_KEY] = ConfigRecord({"n": rounds})
     return {"ditto-train-loss": result["train_loss"], ROUNDS_KEY: rounds}
+
+
+def save_personal(session: Any, context: Context, model: nn.Module) -> Path | None:
+    """Keep the personal model at the hospital: ``personal_models/<site>-run<id>-<method>.pt``
+    in its state folder (node_config ``state-dir``; in simulation ``<output_dir>/site_state/
+    <site>``), written atomically. Without a state folder it is not kept (logged)."""
+    from strategies.budget import PrivacyConfigError
+    from strategies.site_ledger import site_state_dir
+
+    try:
+        folder = site_state_dir(session.cfg, context.node_config, session.ref.name)
+    except PrivacyConfigError:
+        log(WARNING, "fedclinic: site %s has no state-dir in its node_config: its personal "
+            "model was evaluated but is not kept", session.ref.name)
+        return None
+    path = folder / "personal_models" / \
+        f"{session.ref.name}-run{context.run_id}-{method(session.cfg)}.pt"
+    buffer = io.BytesIO()
+    torch.save(_state_dict(model), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    log(INFO, "fedclinic: site %s keeps its personal model in %s", session.ref.name, path)
+    return path
 
 
 def personal_model(session: Any, context: Context, global_model: nn.Module,
