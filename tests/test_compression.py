@@ -185,6 +185,7 @@ def uncompressed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return _chest_run(shared_data, tmp_path_factory.mktemp("fp32"), "none")
 
 
+@pytest.mark.e2e
 def test_uncompressed_run_measures_float32_bytes(uncompressed: dict) -> None:
     params = sum(a.numpy().nbytes for a in _model_arrays().values())
     for line in uncompressed["lines"]:
@@ -195,6 +196,7 @@ def test_uncompressed_run_measures_float32_bytes(uncompressed: dict) -> None:
     assert uncompressed["summary"]["compression"]["scheme"] == "none"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("spec", "max_ratio"), [("int8", 0.25), ("topk:0.1", 0.15)])
 def test_compressed_run_carries_fewer_bytes_at_the_same_auc(
     shared_data: Path, tmp_path: Path, uncompressed: dict, spec: str, max_ratio: float

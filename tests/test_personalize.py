@@ -107,6 +107,7 @@ def _run(shared_data: Path, folder: Path, extra: str) -> tuple[dict, list[dict]]
     return json.loads((run / "summary.json").read_text()), lines
 
 
+@pytest.mark.e2e
 def test_finetune_beats_the_global_model_per_hospital(shared_data: Path, tmp_path: Path
                                                       ) -> None:
     summary, _ = _run(shared_data, tmp_path, "num_rounds=8 personalize=finetune")
@@ -132,6 +133,7 @@ def test_finetune_beats_the_global_model_per_hospital(shared_data: Path, tmp_pat
                                                           "final_model.pt"))
 
 
+@pytest.mark.e2e
 def test_ditto_reports_personal_models_of_every_hospital(shared_data: Path, tmp_path: Path
                                                          ) -> None:
     rounds = 3
@@ -139,7 +141,7 @@ def test_ditto_reports_personal_models_of_every_hospital(shared_data: Path, tmp_
     for site in summary["per_site"]:  # the personal model survived every round at its site
         assert [line["train"][site][ROUNDS_KEY] for line in lines] == list(range(1, rounds + 1))
     personal = summary["personalized"]
-    assert personal["method"] == "ditto" and personal["settings"]["lam"] == 0.1
+    assert personal["method"] == "ditto" and personal["settings"]["lam"] == 1.0
     assert sorted(personal["per_site"]) == sorted(summary["per_site"])
     assert personal["per_site"] != summary["per_site"]
     print(f"ditto: mean per-hospital accuracy {personal['mean_site_accuracy']:.4f} vs global "
