@@ -18,8 +18,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 import strategies
 from fl_app.config import compose_config
 from fl_app.metrics import SiteMetricsCollector
+from strategies.compression import Compression
 from strategies.validation import UpdateValidation
-from strategies.wrapper import innermost
+from strategies.wrapper import innermost, unwrap
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
@@ -40,7 +41,8 @@ def _reply(weights: np.ndarray, num_examples: int, site: str, loss: float) -> Me
 )
 def test_factory_builds_flower_strategies(name: str, cls: type) -> None:
     strategy = strategies.build(compose_config(f"strategy={name}"), num_sites=4)
-    assert type(strategy) is UpdateValidation  # validation.enabled=true by default
+    # outermost: compression (bytes per message), then validation (enabled by default)
+    assert [type(s) for s in unwrap(strategy)][:2] == [Compression, UpdateValidation]
     strategy = innermost(strategy)
     assert isinstance(strategy, cls)  # Flower's class (ours: FedAdam keeping the dtypes)
     assert strategy.min_available_nodes == 4

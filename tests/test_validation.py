@@ -162,7 +162,8 @@ def test_norm_ratio_rejects_a_scaled_update() -> None:
 
 def test_validation_can_be_switched_off_and_bad_settings_are_refused() -> None:
     cfg = compose_config("validation.enabled=false")
-    assert type(strategies.build(cfg, 3)) is FedAvg
+    assert find(strategies.build(cfg, 3), UpdateValidation) is None
+    assert type(innermost(strategies.build(cfg, 3))) is FedAvg
     with pytest.raises(ValidationConfigError, match=r"validation\.max_update_norm must be"):
         strategies.build(compose_config("validation.max_update_norm=-1"), 3)
 
