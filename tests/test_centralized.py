@@ -57,7 +57,7 @@ def test_one_command_baseline_for_a_tabular_task(shared_data: Path, tmp_path: Pa
         [sys.executable, "-m", "fl_app.centralized", "task=heart_disease",
          f"task.data_dir={shared_data / 'heart_disease'}", "num_rounds=3",
          f"output_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     run = Path(done.stdout.strip().splitlines()[-1].split("run folder: ")[1])
