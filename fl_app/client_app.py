@@ -2,7 +2,8 @@
 
 Three handlers: ``query`` (site facts and feature statistics for federated preprocessing),
 ``train`` (local training from the global model) and ``evaluate`` (metrics on the local test
-split). Only model weights and metrics leave the site.
+split; after training also the audits of fl_app/site_audits.py). Only model weights and
+metrics leave the site.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_app import faults, personalize
+from fl_app import faults, personalize, site_audits
 from fl_app.metrics import SITE_RECORD
 from fl_app.site_runtime import CONFIG_KEY, SiteSession
 from strategies.central_dp import make_clipping_mod
@@ -140,17 +141,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     groups of its validation split, from which the server picks the operating threshold);
     with ``threshold-logit`` in the config, at that threshold instead of argmax; with
     ``personalize`` in the config, the site's personal model instead (fl_app/personalize.py:
-    fine-tuned now, or Ditto's), which never leaves the site."""
+    fine-tuned now, or Ditto's), which never leaves the site.
+
+    After training the server may instead ask for the coalition models' validation metrics
+    (contribution scores) or the membership-inference audit (fl_app/site_audits.py)."""
     session = SiteSession(msg, context.node_config)
     config = msg.content["config"]
-    threshold = config.get("threshold-logit")  # set after the last round
     model = _model(session, msg)
-    if personalize.PERSONALIZE_KEY in config:  # after the last round: the personal model
-        train_data = faults.training_data(session.cfg, session.ref.name, session.site().train,
-                                          session.site().num_classes)
-        model = personalize.personal_model(session, context, model, train_data,
-                                           int(config.get("server-round", 0)))
-        personalize.save_personal(session, context, model)
-    metrics = _evaluation(session, model, None if threshold is None else float(threshold))
-    content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: _site_record(session)})
+    # the audits after training (fl_app/site_audits.py): only aggregate numbers go back
+    if site_audits.COALITIONS_KEY in config:
+        content = site_audits.coalition_metrics(msg, model, session.site(), session.device)
+    elif site_audits.MEMBERSHIP_KEY in config:
+        content = site_audits.membership_metrics(model, session.site(), session.device)
+    else:
+        threshold = config.get("threshold-logit")  # set after the last round
+        if personalize.PERSONALIZE_KEY in config:  # after the last round: the personal model
+            train_data = faults.training_data(session.cfg, session.ref.name,
+                                              session.site().train, session.site().num_classes)
+            model = personalize.personal_model(session, context, model, train_data,
+                                               int(config.get("server-round", 0)))
+            personalize.save_personal(session, context, model)
+        metrics = _evaluation(session, model, None if threshold is None else float(threshold))
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+    content[SITE_RECORD] = _site_record(session)
     return Message(content, reply_to=msg)

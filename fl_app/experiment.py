@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import strategies
 from fl_app import faults, personalize
+from fl_app.after_training import log_membership, run_audits
 from fl_app.audit import AuditTrail
 from fl_app.checkpoint import (
     RoundOffset,
@@ -53,7 +54,7 @@ from fl_app.sites import (
 )
 from fl_app.threshold import rule_of
 from fl_app.tracking import Tracker
-from strategies import compression, evaluate_in_train
+from strategies import compression, contribution, evaluate_in_train
 from strategies.budget import PrivacyStop, secret_sample
 from strategies.factory import WEIGHT_KEY
 from strategies.secure_aggregation import check_secure_aggregation, secagg_name
@@ -105,6 +106,7 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     rule_of(cfg)  # a bad task.threshold fails now, not after the first round
     check_secure_aggregation(cfg)  # a refused combination stops before any site is asked
     personalize.check(cfg)
+    contribution.check(cfg)
     task = get_task(cfg.task.name)
     expected = expected_num_sites(cfg, task)
     if expected is None:  # simulated partition: one site per connected SuperNode
@@ -295,8 +297,11 @@ def _experiment(grid: Grid, cfg: DictConfig, created: Callable[[RunFolder], None
     ledger.flush()
     if stopped is None and history and collector.threshold_logit is not None:
         _at_threshold(guard, cfg, record, final, collector.threshold_logit, history)
+    # contribution scores and the membership-inference audit (fl_app/after_training.py)
+    audits = (run_audits(guard, cfg, record, final, strategy, audit, len(history))
+              if stopped is None and history else {})
     outcome = {**_outcome(guard, stopped), "refused_nodes": [r.as_dict() for r in refused],
-               "app": app}
+               "app": app, **audits}
     if stopped is None and history and personalize.method(cfg) != personalize.NONE:
         # each hospital's own model, evaluated where it lives (fl_app/personalize.py)
         outcome["personalized"] = personalize.evaluate_personal(
@@ -442,6 +447,11 @@ def _finish(
     outcome: dict[str, Any] | None = None,
 ) -> None:
     """Write the final model, summary and plot; print where the run folder is."""
+    privacy = ledger.summary()
+    membership = (outcome or {}).get("membership_inference")
+    if membership and "per_site" in membership:  # the empirical leakage beside the formal one
+        membership["epsilon"] = {s: spend.get("epsilon")
+                                 for s, spend in privacy.get("per_site", {}).items()} or None
     summary = write_results(
         run,
         history,
@@ -449,7 +459,7 @@ def _finish(
         {
             "task": cfg.task.name,
             "strategy": cfg.strategy.name,
-            "privacy": ledger.summary(),
+            "privacy": privacy,
             "threshold_rule": cfg.task.get("threshold"),
             "secure_aggregation": secagg_name(cfg),
             "compression": compression.summary(cfg, history),
@@ -467,4 +477,6 @@ def _finish(
         summary["worst_site"].get("accuracy", {}).get("site"),
     )
     ledger.log_final(summary["privacy"])
+    if membership:
+        log_membership(membership, summary["privacy"])
     log(INFO, "fedclinic: run folder: %s", run.path)

@@ -16,6 +16,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
+from strategies import contribution
 from strategies.budget import UNIFORM_WEIGHT_KEY, mechanism
 from strategies.compression import with_compression
 from strategies.fedbn import FedBN
@@ -42,9 +43,11 @@ def build(
     """Return the strategy for ``cfg.strategy``, wrapped for ``cfg.validation``,
     ``cfg.privacy`` and ``cfg.secagg``.
 
-    The chain, innermost first: the aggregator; Flower's central-DP wrapper (``central_dp``:
-    noise added once to the average); update validation (``strategies.validation``: rejects
-    bad single updates, so the DP noise is calibrated to the updates actually averaged); the
+    The chain, innermost first: the aggregator; the contribution recorder (``contribution``:
+    adds up the single updates the aggregator averages); Flower's central-DP wrapper
+    (``central_dp``: noise added once to the average); update validation
+    (``strategies.validation``: rejects bad single updates, so the DP noise is calibrated to
+    the updates actually averaged); the
     privacy guard (budgets, ledger; it must see each site's reply, rejected ones included);
     FedBN (completes replies with the global normalisation layers); compression (decodes
     each reply, counts the bytes of train messages; strategies/compression.py); secure aggregation
@@ -55,6 +58,10 @@ def build(
     each reported in the query round (plausible counts).
     """
     base = _aggregator(cfg, num_sites, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
+    # contribution scores: the innermost wrapper adds up the single updates the aggregator
+    # averages (strategies/contribution.py)
+    base = contribution.wrap(base, cfg, str(getattr(base, "weighted_by_key", WEIGHT_KEY)),
+                             _site_name)
 
     def validated(inner: Strategy) -> Strategy:
         needed = min_replies(cfg.strategy) if is_robust(cfg.strategy.name) else 1
@@ -89,6 +96,12 @@ class FedAdam(flwr_strategy.FedAdam):
         return ArrayRecord({
             k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k))) for k, a in arrays.items()
         }), metrics
+
+
+def _site_name(content: RecordDict) -> str:
+    from fl_app.metrics import site_name  # fl_app imports strategies, not the other way round
+
+    return site_name(content)
 
 
 def _aggregator(

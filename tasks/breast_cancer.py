@@ -44,7 +44,8 @@ def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
     parts = partition_indices(y, cfg.partition, cfg.seed)
     idx = parts[site.index]
     return tabular.make_site(
-        site.name, x[idx], y[idx], cfg.task.test_fraction, cfg.seed, names
+        site.name, x[idx], y[idx], cfg.task.test_fraction, cfg.seed, names,
+        val_fraction=float(cfg.task.get("val_fraction", 0.0)),
     )
 
 

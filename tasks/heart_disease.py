@@ -239,14 +239,20 @@ def load_site(cfg: DictConfig, site: SiteRef) -> SiteData:
         if leaked.any():
             log(INFO, "fedclinic: heart_disease %s: dropped %d training line(s) repeating a "
                 "test patient", site.name, int(leaked.sum()))
-        return tabular.make_site(site.name, x, y, 0.0, 0, names, split=(train[~leaked], test))
+        return tabular.make_site(site.name, x, y, 0.0, FLAMBY_SEED, names,
+                                 split=(train[~leaked], test), val_fraction=_val_fraction(cfg))
     table, dropped = drop_duplicate_lines(table)
     if dropped:
         log(INFO, "fedclinic: heart_disease %s: dropped %d duplicated patient line(s) before "
             "splitting", site.name, dropped)
     x, y, names = encode(table, protocol)
     seed = DEFAULT_SPLIT_SEED if cfg.task.split_seed is None else cfg.task.split_seed
-    return tabular.make_site(site.name, x, y, cfg.task.test_fraction, seed, names)
+    return tabular.make_site(site.name, x, y, cfg.task.test_fraction, seed, names,
+                             val_fraction=_val_fraction(cfg))
+
+
+def _val_fraction(cfg: DictConfig) -> float:
+    return float(cfg.task.get("val_fraction", 0.0))
 
 
 def _check_flamby_split(cfg: DictConfig) -> None:

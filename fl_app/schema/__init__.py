@@ -17,7 +17,17 @@ from types import ModuleType
 
 from hydra.core.config_store import ConfigStore
 
-from fl_app.schema import partition, personalize, privacy, secagg, strategy, task, top, tracking
+from fl_app.schema import (
+    contribution,
+    partition,
+    personalize,
+    privacy,
+    secagg,
+    strategy,
+    task,
+    top,
+    tracking,
+)
 
 # One module per config group: its SCHEMAS maps "<option>_schema" -> dataclass.
 GROUPS: dict[str, ModuleType] = {
@@ -28,6 +38,7 @@ GROUPS: dict[str, ModuleType] = {
     "partition": partition,
     "tracking": tracking,
     "personalize": personalize,
+    "contribution": contribution,
 }
 
 

@@ -27,6 +27,7 @@ class BreastCancer(Task):
     """conf/task/breast_cancer.yaml."""
 
     hidden_size: int = MISSING
+    val_fraction: float = MISSING
 
 
 @dataclass

@@ -19,6 +19,13 @@ class Validation:
 
 
 @dataclass
+class Audit:
+    """``audit``: audits of the final model (fl_app/site_audits.py)."""
+
+    membership: bool = MISSING
+
+
+@dataclass
 class Config:
     """Top level. The groups are typed by their selected option's own schema."""
 
@@ -29,6 +36,7 @@ class Config:
     partition: Any = MISSING
     tracking: Any = MISSING
     personalize: Any = MISSING
+    contribution: Any = MISSING
     num_rounds: int = MISSING
     seed: int = MISSING
     fedbn: bool = MISSING
@@ -46,3 +54,4 @@ class Config:
     evaluate_in_train: bool = MISSING
     # none | fp16 | int8 | topk:<fraction> (strategies/compression.py)
     compression: str = MISSING
+    audit: Audit = field(default_factory=Audit)
