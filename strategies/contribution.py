@@ -18,9 +18,11 @@
    utility ``U(S)`` (``utility``: pooled validation AUC, accuracy or minus the loss).
 4. Scores: leave-one-out ``U(all) - U(all minus i)``; Shapley exactly over all ``2^n``
    coalitions for ``n <= exact_max_sites``, else a Monte-Carlo estimate over permutations
-   (GTG-Shapley style: each hospital leads equally many permutations; a permutation is
-   truncated once its coalition's utility is within ``truncation * |gain|`` of ``U(all)``),
-   sampled in batches until every hospital's standard error is ``<= target_error``.
+   (GTG-Shapley style: each hospital leads equally many permutations; optionally a
+   permutation is truncated once its coalition's utility is within ``truncation * |gain|``
+   of ``U(all)``, which biases a harmful hospital's score towards 0, so it is off by
+   default), sampled in batches until every hospital's standard error is
+   ``<= target_error``.
 
 Why the updates accumulated over all rounds rather than the last round's: the score is about
 the final model, and the last round only moves an already converged model a little (its gain
