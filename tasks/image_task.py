@@ -325,6 +325,19 @@ def relabel_all(spec: ImageTaskSpec, cfg: DictConfig, splits: ImageSplits) -> di
             for split in SPLITS}
 
 
+def _train_share(parts: list[np.ndarray], fraction: float, seed: int) -> list[np.ndarray]:
+    """``task.train_fraction`` of each simulated site's training images (seeded; at least
+    one), the rest unused: small training sets (e.g. to study overfitting). The sites' val
+    and test images do not change with it."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"task.train_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return parts
+    rng = np.random.default_rng(seed + 3)
+    return [np.sort(rng.choice(p, max(1, round(fraction * len(p))), replace=False))
+            for p in parts]
+
+
 def simulated_parts(spec: ImageTaskSpec, cfg: DictConfig) -> SimulatedSites:
     """The data set, its relabelling, and each simulated site's train / val / test indices.
 
@@ -339,7 +352,8 @@ def simulated_parts(spec: ImageTaskSpec, cfg: DictConfig) -> SimulatedSites:
     extra = {} if train_groups is None else {"groups": train_groups}
     train_parts = partition_indices(kept["train"].labels, cfg.partition, seed, **extra)
     reference = [kept["train"].labels[p] for p in train_parts]
-    sites.parts["train"] = train_parts
+    sites.parts["train"] = _train_share(train_parts, float(cfg.task.get("train_fraction", 1.0)),
+                                        seed)
     # seed + 1 for test keeps the test shares of earlier runs; val gets its own stream
     for split, offset in (("test", 1), ("val", 2)):
         sites.parts[split] = matched_split(kept[split].labels, reference, seed + offset,

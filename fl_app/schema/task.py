@@ -82,6 +82,7 @@ class ImageTask(Task):
     optimizer: str = MISSING
     augment: Augment = field(default_factory=Augment)
     val_fraction: float = MISSING
+    train_fraction: float = MISSING
     intensity: str = MISSING
     # a number ("0.5"), "youden" or "sensitivity:<s>" (fl_app.threshold parses it)
     threshold: str = MISSING
