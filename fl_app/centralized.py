@@ -40,6 +40,7 @@ from torch.utils.data import ConcatDataset
 
 from fl_app.config import ConfigError, compose_config
 from fl_app.metrics import choose_site_threshold, pooled_metrics, public_site_metrics
+from fl_app.report import report_quietly
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.threshold import rule_of
@@ -204,7 +205,8 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
            history: list[dict[str, Any]]) -> None:
-    """Write final_model.pt, summary.json (same keys as a federated run) and the plot."""
+    """Write final_model.pt, summary.json (same keys as a federated run), the plot and the
+    run report (report.md)."""
     summary = write_results(
         run,
         history,
@@ -219,6 +221,7 @@ def finish(run: RunFolder, cfg: DictConfig, model: torch.nn.Module,
         },
         f"{cfg.task.name} / centralized baseline (pooled training data)",
     )
+    report_quietly(run.path)
     log(INFO, "fedclinic centralized: pooled AUC %s, run folder: %s",
         summary["pooled"].get("auc"), run.path)
 

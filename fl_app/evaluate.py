@@ -13,7 +13,8 @@ operating threshold (summary.json ``threshold``, see fl_app.threshold).
 It prints and writes to ``<run folder>/external/<name>.json``: AUC with a 95% bootstrap
 confidence interval, accuracy, sensitivity and specificity at the run's threshold, and
 calibration (expected calibration error over equal-width probability bins), with the
-reliability diagram in ``<run folder>/external/<name>_reliability.png``.
+reliability diagram in ``<run folder>/external/<name>_reliability.png``, and adds them to the
+run report (``report.md``, section "External validation").
 
 In deployment a hospital runs the same command on its SuperNode's own data (its data-path)
 with the consortium's run folder (or a copy of it): the images never leave the hospital.
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 
 from fl_app.config import ConfigError
 from fl_app.plots import plot_reliability
+from fl_app.report import report_quietly
 from fl_app.run_folder import RunFolder
 from tasks import TASK_MODULES, DataError, engine, get_task
 from tasks.image_data import SPLITS, load_folder, load_npz
@@ -194,6 +196,7 @@ def evaluate_external(run_dir: Path, data: Path, split: str | None = None,
     folder.write_json(f"external/{name}.json", report)
     plot_reliability(bins, run_dir / "external" / f"{name}_reliability.png",
                      f"{cfg.task.name} on {name} (ECE {ece:.3f})")
+    report_quietly(run_dir)  # report.md gains an "External validation" section
     return report
 
 

@@ -38,6 +38,7 @@ from fl_app.metrics import (
     site_name,
 )
 from fl_app.privacy_ledger import LEDGER_FILE, PrivacyLedger
+from fl_app.report import report_quietly
 from fl_app.results import write_results
 from fl_app.run_folder import RunFolder
 from fl_app.run_log import brief_config_records
@@ -74,6 +75,7 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
 
     Whatever ends the run early once its folder exists leaves an honest summary.json
     (``status: failed`` and the ``reason``), then propagates: the caller exits non-zero.
+    The run report (report.md, fl_app.report) is written last, whatever the outcome.
     """
     folders: list[RunFolder] = []
     tracker = Tracker(cfg)  # tracking=mlflow only; the default imports and does nothing
@@ -92,8 +94,11 @@ def run_experiment(grid: Grid, cfg: DictConfig) -> RunFolder:
                 "task": cfg.task.name, "strategy": cfg.strategy.name, "status": "failed",
                 "reason": reason, "run_dir": str(folders[0].path), "audit_sha256": head,
             })
+        if folders:
+            report_quietly(folders[0].path)
         tracker.end(folders[0] if folders else None)
         raise
+    report_quietly(run.path)  # before tracking: report.md is among the run's artifacts
     tracker.end(run)
     return run
 

@@ -57,6 +57,7 @@ def pooled_metrics(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
         n_neg = [class_count(s, "neg") for s in sites]
         pooled["sensitivity"] = _weighted(sites, "sensitivity", n_pos)
         pooled["specificity"] = _weighted(sites, "specificity", n_neg)
+        pooled["num-positive"], pooled["num-negative"] = sum(n_pos), sum(n_neg)
     else:
         pooled["auc"] = _weighted(sites, "auc", [int(s["num-examples"]) for s in sites])
     for prefix, key in EXTRA_SCORES.items():
@@ -106,8 +107,14 @@ def _weighted(sites: list[dict[str, Any]], key: str, weights: list[int]) -> floa
 
 def public_site_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """A site's metrics without score groups (they only feed pooled values, under any
-    prefix: ``val-``, ``film-``, ``intensity-``)."""
-    return {k: v for k, v in metrics.items() if not k.endswith(SCORE_KEYS)}
+    prefix: ``val-``, ``film-``, ``intensity-``), with its test set's class counts
+    ``num-positive`` / ``num-negative`` (a binary task; the counts the groups already release)
+    so the run report can turn sensitivity and specificity into confusion counts."""
+    public = {k: v for k, v in metrics.items() if not k.endswith(SCORE_KEYS)}
+    if all(k in metrics for k in SCORE_KEYS):
+        public["num-positive"] = class_count(metrics, "pos")
+        public["num-negative"] = class_count(metrics, "neg")
+    return public
 
 
 class SiteMetricsCollector:

@@ -15,32 +15,118 @@ from matplotlib.ticker import MaxNLocator
 from fl_app.run_folder import atomic_write_bytes
 
 PLOTTED = ("accuracy", "auc", "loss")
+LABELS = {"accuracy": "accuracy", "auc": "AUC", "loss": "loss (lower is better)"}
 
 
 def plot_rounds(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """One panel per metric: a line per site and a thick line for the pooled value."""
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4))
+    """One panel per metric: a line per site and a thick line for the pooled value.
+
+    Accuracy and AUC share a scale from at most 0.5 (chance for AUC) to 1, so that small
+    round-to-round wobbles do not look like large swings; the legend sits on the right."""
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED) + 1.5, 4))
+    sites = sorted({s for line in history for s in line.get("per_site", {})})
     for ax, key in zip(axes, PLOTTED, strict=True):
-        sites = sorted({s for line in history for s in line.get("per_site", {})})
+        lowest = 1.0
         for site in sites:
             rounds = [h for h in history if site in h.get("per_site", {})]
             xs = [h["round"] for h in rounds]
             ys = [_value(h["per_site"][site].get(key)) for h in rounds]
             ax.plot(xs, ys, marker=".", linewidth=1, label=site)
+            lowest = min([lowest, *(y for y in ys if y == y)])
         xs = [h["round"] for h in history]
         ax.plot(xs, [_value(h.get("pooled", {}).get(key)) for h in history],
                 color="black", linewidth=2.5, label="pooled")
-        ax.set_title(key)
+        if key != "loss":
+            ax.set_ylim(min(0.5, lowest - 0.02), 1.0)
+        ax.set_title(LABELS[key])
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (5 * len(PLOTTED) + 1.5), 1))
+    return _save(fig, path, layout=False)
 
 
 def _value(v: Any) -> float:
     return float("nan") if v is None else float(v)
+
+
+def plot_epsilon(ledger: list[dict[str, Any]], path: Path, title: str,
+                 budget: float | None = None) -> Path:
+    """Privacy spent: each site's epsilon (so far, at its delta) after every round of the
+    privacy ledger; rounds a site did not train are marked x; the budget, if any, dashed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for site in sorted({line["site"] for line in ledger}):
+        lines = sorted((x for x in ledger if x["site"] == site), key=lambda x: x["round"])
+        xs, ys = [x["round"] for x in lines], [_value(x.get("epsilon")) for x in lines]
+        (drawn,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=site)
+        idle = [x for x in lines if x.get("status") != "trained"]
+        if idle:
+            ax.plot([x["round"] for x in idle], [_value(x.get("epsilon")) for x in idle],
+                    linestyle="none", marker="x", markersize=9, color=drawn.get_color())
+    if budget is not None:
+        ax.axhline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent so far (lower = more private)")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_sites(per_site: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """The final model at each site: accuracy and AUC bars, the mean over sites dashed."""
+    sites = sorted(per_site)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(sites) + 2), sharey=True)
+    for ax, key in zip(axes, ("accuracy", "auc"), strict=True):
+        values = [_value(per_site[s].get(key)) for s in sites]
+        ax.barh(sites, values, color="steelblue")
+        known = [v for v in values if v == v]  # NaN: no value (e.g. one-class test set)
+        if known:
+            mean = sum(known) / len(known)
+            ax.axvline(mean, color="black", linestyle="--", linewidth=1,
+                       label=f"mean {mean:.3f}")
+            ax.legend(fontsize=8, loc="lower right")
+        for y, v in enumerate(values):
+            ax.text(0.01, y, "n/a" if v != v else f"{v:.3f}", va="center", color="white"
+                    if v == v and v > 0.15 else "black", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_title(key)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # first site on top
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_bytes(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Bytes each site sent (up) and received (down) per round, in MB, from metrics.jsonl."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("bytes_up", "bytes_down"), strict=True):
+        per_round = [(h["round"], h.get(key)) for h in history if h.get(key) is not None]
+        sites = sorted({s for _, v in per_round if isinstance(v, dict) for s in v})
+        for site in sites:
+            points = [(r, v[site]) for r, v in per_round if isinstance(v, dict) and site in v]
+            ax.plot([r for r, _ in points], [b / 1e6 for _, b in points], marker=".",
+                    label=site)
+        totals = [(r, v) for r, v in per_round if isinstance(v, (int, float))]
+        if totals:
+            ax.plot([r for r, _ in totals], [b / 1e6 for _, b in totals], marker=".",
+                    color="black", label="all sites")
+        ax.set_title("sent by each site (up)" if key == "bytes_up" else
+                     "received by each site (down)")
+        ax.set_xlabel("round")
+        ax.set_ylabel("MB")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if sites or totals:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
 
 
 def plot_reliability(bins: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -66,9 +152,11 @@ def plot_reliability(bins: list[dict[str, Any]], path: Path, title: str) -> Path
     return _save(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Lay out ``fig``, write it as a PNG atomically to ``path`` and close it."""
-    fig.tight_layout()
+def _save(fig: Any, path: Path, layout: bool = True) -> Path:
+    """Lay out ``fig`` (unless the caller did), write it as a PNG atomically to ``path`` and
+    close it."""
+    if layout:
+        fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)

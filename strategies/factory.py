@@ -1,7 +1,7 @@
 """Build the Flower strategy an experiment config asks for.
 
 The base aggregator is one of Flower's own Message-API strategies (FedAvg, FedProx, FedAdam,
-or a robust one: FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; strategies/robust.py),
+q-FedAvg, or a robust one: FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan; strategies/robust.py),
 weighted by the number of training examples each site reports as ``num-examples``.
 """
 
@@ -29,6 +29,7 @@ from strategies.validation import with_validation
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
 WEIGHT_KEY = "num-examples"
+TRAIN_LOSS_KEY = "train_loss"  # every site's train reply carries its mean training loss
 
 
 def build(
@@ -104,6 +105,44 @@ def _site_name(content: RecordDict) -> str:
     return site_name(content)
 
 
+class QFedAvg(flwr_strategy.QFedAvg):
+    """Flower's q-FedAvg, keeping the global model's dtypes.
+
+    Flower's step computes in float64 (its loss weights are NumPy float64 scalars), which
+    would turn a float32 model into a float64 one (update validation then rejects every
+    float32 reply, as it did for FedAdam), and scales arrays in place, which fails on integer
+    arrays. Integer arrays (BatchNorm's batch counter) are not parameters: they are kept out
+    of the q-FedAvg step (and its norms) and averaged as FedAvg would; every result is cast
+    back to the global model's dtype.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's q-FedAvg step on the floating-point arrays, in the model's dtypes."""
+        replies = list(replies)
+        if self.current_arrays is None:
+            return super().aggregate_train(server_round, replies)
+        dtypes = {k: v.dtype for k, v in self.current_arrays.items()}
+        integer = [k for k, d in dtypes.items() if not np.issubdtype(np.dtype(d), np.floating)]
+        held: dict[str, list[np.ndarray]] = {k: [] for k in integer}
+        glob = {k: self.current_arrays.pop(k).numpy() for k in integer}
+        for reply in replies:
+            record = None if reply.has_error() else reply.content.array_records.get(
+                self.arrayrecord_key)
+            for key in integer if record is not None else []:
+                if key in record:
+                    held[key].append(record.pop(key).numpy())
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        out = {k: np.asarray(arrays[k].numpy(), dtype=dtypes[k]) for k in arrays}
+        for key in integer:
+            out[key] = (np.asarray(np.rint(np.mean(held[key], axis=0)), dtype=dtypes[key])
+                        if held[key] else glob[key])
+        return ArrayRecord({k: Array(out[k]) for k in dtypes if k in out}), metrics
+
+
 def _aggregator(
     cfg: DictConfig,
     num_sites: int,
@@ -139,12 +178,16 @@ def _aggregator(
         return FedProx(**common, proximal_mu=scfg.proximal_mu)
     if is_robust(scfg.name):
         return build_robust(scfg, common, num_sites)
+    if scfg.name == "qfedavg":
+        lr = scfg.client_learning_rate
+        return QFedAvg(**common, q=scfg.q, train_loss_key=TRAIN_LOSS_KEY,
+                       client_learning_rate=float(cfg.task.lr if lr is None else lr))
     if scfg.name == "fedadam":
         return FedAdam(
             **common, eta=scfg.eta, eta_l=scfg.eta_l,
             beta_1=scfg.beta_1, beta_2=scfg.beta_2, tau=scfg.tau,
         )
     raise ValueError(
-        f"unknown strategy '{scfg.name}'; choose fedavg, fedprox, fedadam, median, "
+        f"unknown strategy '{scfg.name}'; choose fedavg, fedprox, fedadam, qfedavg, median, "
         "trimmed_mean, krum, multikrum or bulyan"
     )

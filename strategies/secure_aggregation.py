@@ -68,9 +68,11 @@ WEIGHT_KEY_FIELD = "weight-key"  # the MetricRecord key the inner strategy weigh
 KEYS_FIELD = "keys"  # a site's reply: the model keys (in order) of its protected vector
 ARRAYS = "arrays"
 
-# Aggregators that look at single updates (issue 9 adds them to conf/strategy/).
+# Aggregators that look at single updates (issue 9 adds them to conf/strategy/); q-FedAvg
+# weighs each update by its own site's training loss.
 SINGLE_UPDATE_STRATEGIES = (
     "median", "fedmedian", "trimmed_mean", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+    "qfedavg",
 )
 
 
@@ -105,8 +107,9 @@ REFUSALS: tuple[Refusal, ...] = (
             "server-side clipping needs each hospital's own update; use "
             "privacy=central_dp_client (each hospital clips its update before it is protected)"),
     Refusal("strategy", lambda c: str(c.strategy.name) in SINGLE_UPDATE_STRATEGIES,
-            "median/trimmed-mean/Krum-type aggregators compare single updates, which the server "
-            "no longer sees; use strategy=fedavg, fedprox or fedadam"),
+            "median/trimmed-mean/Krum-type aggregators and q-FedAvg use single updates (q-FedAvg "
+            "weighs each by its site's loss), which the server no longer sees; use "
+            "strategy=fedavg, fedprox or fedadam"),
     Refusal("contribution", lambda c: _enabled(c.get("contribution")),
             "contribution scores need each hospital's own update; set contribution to none"),
     Refusal("compression", lambda c: _enabled(c.get("compression")),

@@ -150,3 +150,84 @@ def test_central_dp_client_side_adaptive_run_accounts_and_stops_at_the_budget(ce
     assert [(x["status"], x.get("steps")) for x in own] == [
         ("trained", 1), ("trained", 1), ("budget_exhausted", 0)]
     assert own[1]["epsilon"] == pytest.approx(eps[1], abs=1e-6)
+
+
+def test_run_report_of_a_local_dp_run_reads_from_its_files(local_run, tmp_path):
+    """report.md (fl_app.report) after the local-DP run: the sections a clinician reads, with
+    the run's own numbers; confusion counts that add up to each hospital's class counts;
+    ``python -m fl_app.report`` rebuilds it identically from a copy of the folder."""
+    import shutil
+
+    from fl_app.report import main as report_main
+
+    _, run_dir = local_run
+    text = (run_dir / "report.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for heading in ("# Run report: heart disease / fedavg / local_dp", "## What was run",
+                    "## Results of the final model", "## Each hospital",
+                    "## Operating threshold and confusion counts", "## Over the rounds",
+                    "## Privacy", "## Secure aggregation, rejected updates, dropped hospitals",
+                    "## What the numbers mean"):
+        assert heading in text, heading
+    assert "each site is a real hospital" in text and "Local differential privacy" in text
+    worst = summary["worst_site"]["accuracy"]
+    assert f"| worst hospital (accuracy) | {worst['value']:.3f} | {worst['site']}, " in text
+    for site, spend in summary["privacy"]["per_site"].items():
+        assert f"| {site} | {spend['epsilon']:.3f} | {spend['rounds_trained']} |" in text
+    assert "stopped: its privacy budget was used up" in text  # sites stop at rounds 0..4
+    assert "The run stopped early" in text and "min_sites=2" in text
+    for site, m in summary["per_site"].items():  # TP + FN = positives, TN + FP = negatives
+        tp = round(m["sensitivity"] * m["num-positive"]) if m["num-positive"] else 0
+        tn = round(m["specificity"] * m["num-negative"]) if m["num-negative"] else 0
+        assert m["num-positive"] + m["num-negative"] == m["num-examples"]
+        row = f"| {site} | {tp} | {m['num-positive'] - tp} | {tn} | {m['num-negative'] - tn} |"
+        assert row in text, row
+    for plot in ("plots/metrics.png", "plots/sites.png", "plots/privacy_epsilon.png"):
+        assert f"]({plot})" in text and (run_dir / plot).stat().st_size > 10_000, plot
+
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.md", "plots"))
+    assert report_main([str(copy)]) == 0
+    assert (copy / "report.md").read_text() == text
+    assert (copy / "plots" / "privacy_epsilon.png").is_file()
+    assert report_main([str(tmp_path / "nowhere")]) == 2  # not a run folder: one line, exit 2
+
+
+def test_run_report_shows_optional_sections_when_present(local_run, tmp_path):
+    """Contribution scores, personalised models, membership-inference AUCs and bytes on the
+    wire appear in the report when summary.json / metrics.jsonl carry them (other features
+    write them); absent, their sections are left out."""
+    import shutil
+
+    from fl_app.report import write_report
+
+    _, run_dir = local_run
+    text = (run_dir / "report.md").read_text()
+    for heading in ("## What each hospital contributes", "## Personalised models",
+                    "membership-inference AUC", "## What the wire carried"):
+        assert heading not in text, heading
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.md", "plots"))
+    summary = json.loads((copy / "summary.json").read_text())
+    sites = sorted(summary["per_site"])
+    summary["contribution"] = {"method": "shapley", "scores": {s: 0.1 * i for i, s in
+                                                                enumerate(sites)}}
+    summary["personalized"] = {"per_site": {s: {**m, "accuracy": m["accuracy"] + 0.01}
+                                            for s, m in summary["per_site"].items()},
+                               "mean_site_accuracy": summary["mean_site_accuracy"] + 0.01}
+    summary["membership_inference"] = {s: 0.5 + 0.01 * i for i, s in enumerate(sites)}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    lines = read_lines(copy / "metrics.jsonl")
+    for line in lines:
+        line["bytes_up"] = {s: 4000 for s in sites}
+        line["bytes_down"] = {s: 8000 for s in sites}
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = write_report(copy).read_text()
+    assert "## What each hospital contributes" in text and "Method: shapley" in text
+    assert f"| {sites[-1]} | {0.1 * (len(sites) - 1):.3f} |" in text
+    assert "## Personalised models" in text and "| +0.010 |" in text
+    spend = summary["privacy"]["per_site"][sites[1]]
+    assert f"| {sites[1]} | {spend['epsilon']:.3f} |" in text and "| 0.510 |" in text
+    total_up = 4000 * len(sites) * len(lines) / 1e6
+    assert "## What the wire carried" in text and f"| {total_up:.3f} |" in text
+    assert (copy / "plots" / "communication.png").is_file()

@@ -35,6 +35,14 @@ class FedAdam(FedAvg):
 
 
 @dataclass
+class QFedAvg(FedAvg):
+    """conf/strategy/qfedavg.yaml."""
+
+    q: float = MISSING
+    client_learning_rate: float | None = MISSING
+
+
+@dataclass
 class Median(FedAvg):
     """conf/strategy/median.yaml."""
 
@@ -69,6 +77,7 @@ SCHEMAS: dict[str, type] = {
     "fedavg_schema": FedAvg,
     "fedprox_schema": FedProx,
     "fedadam_schema": FedAdam,
+    "qfedavg_schema": QFedAvg,
     "median_schema": Median,
     "trimmed_mean_schema": TrimmedMean,
     "krum_schema": Krum,
