@@ -82,20 +82,24 @@ def plot_sites(per_site: dict[str, dict[str, Any]], path: Path, title: str) -> P
     """The final model at each site: accuracy and AUC bars, the mean over sites dashed."""
     sites = sorted(per_site)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(sites) + 2), sharey=True)
+    values = {key: [_value(per_site[s].get(key)) for s in sites] for key in ("accuracy", "auc")}
+    known = [v for vs in values.values() for v in vs if v == v]  # NaN: no value (one class)
+    # from 0.5 (chance for AUC) or lower, so that the gaps between hospitals stay visible
+    low = min([0.5, *(v - 0.05 for v in known)])
     for ax, key in zip(axes, ("accuracy", "auc"), strict=True):
-        values = [_value(per_site[s].get(key)) for s in sites]
-        ax.barh(sites, values, color="steelblue")
-        known = [v for v in values if v == v]  # NaN: no value (e.g. one-class test set)
-        if known:
-            mean = sum(known) / len(known)
+        row = values[key]
+        ax.barh(sites, [v - low for v in row], left=low, color="steelblue")
+        present = [v for v in row if v == v]
+        if present:
+            mean = sum(present) / len(present)
             ax.axvline(mean, color="black", linestyle="--", linewidth=1,
                        label=f"mean {mean:.3f}")
             ax.legend(fontsize=8, loc="lower right")
-        for y, v in enumerate(values):
-            ax.text(0.01, y, "n/a" if v != v else f"{v:.3f}", va="center", color="white"
-                    if v == v and v > 0.15 else "black", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_title(key)
+        for y, v in enumerate(row):
+            ax.text(low + 0.01 * (1 - low), y, "n/a (one class)" if v != v else f"{v:.3f}",
+                    va="center", color="white" if v == v else "black", fontsize=9)
+        ax.set_xlim(low, 1)
+        ax.set_title(LABELS.get(key, key))
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()  # first site on top
     fig.suptitle(title)

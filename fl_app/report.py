@@ -92,7 +92,7 @@ def _plots(path: Path, facts: dict[str, Any]) -> None:
         plot_rounds(history, path / METRICS_PLOT, title)
     if summary.get("per_site"):
         plot_sites(summary["per_site"], path / SITES_PLOT,
-                   f"{title}: final model at each hospital (test patients)")
+                   f"{title}: final model at each hospital (test {_unit(facts)})")
     if facts["ledger"]:
         budget = (cfg.get("privacy", {}).get("budget") or {}).get("epsilon")
         plot_epsilon(facts["ledger"], path / EPSILON_PLOT,
@@ -156,14 +156,51 @@ def _header(facts: dict[str, Any]) -> str:
              f"{cfg.get('num_rounds')}."]
     if summary.get("status") == "failed":
         lines.append("The results below are those of the rounds that completed.")
-    return "\n".join(lines)
+    brief = _in_short(facts)
+    return "\n".join(lines + (["", brief] if brief else []))
+
+
+def _in_short(facts: dict[str, Any]) -> str:
+    """Two or three sentences: where it was trained, what the model reaches, who is served
+    worst, what privacy it had."""
+    summary = facts["summary"]
+    pooled = summary.get("pooled") or {}
+    if not pooled:
+        return ""
+    simulated = "" if _natural(str(facts["cfg"].get("task", {}).get("name"))) else \
+        "simulated "
+    where = ("on all hospitals' training data pooled in one place (centralized baseline)"
+             if _centralized(facts) else f"across {len(facts['sites'])} {simulated}hospitals "
+             "without moving their data")
+    text = (f"**In short.** The model was trained {where} for "
+            f"{summary.get('rounds_completed', len(facts['history']))} round(s). On all "
+            f"hospitals' test {_unit(facts)} together it reaches AUC {_num(pooled.get('auc'))}"
+            f" and accuracy {_num(pooled.get('accuracy'))}.")
+    worst = (summary.get("worst_site") or {}).get("accuracy")
+    if worst:
+        n = (summary.get("per_site") or {}).get(worst["site"], {}).get("num-examples")
+        text += (f" The hospital it serves worst is {worst['site']} (accuracy "
+                 f"{worst['value']:.3f}, {worst['gap_to_mean']:.3f} below the mean over "
+                 "hospitals" + (f"; {n} test {_unit(facts)}" if n is not None else "") + ").")
+    privacy = summary.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("mechanism", "none") != "none":
+        spent = [s.get("epsilon") for s in (privacy.get("per_site") or {}).values()
+                 if s.get("epsilon") is not None]
+        if spent:
+            kind = "local" if privacy["mechanism"] == "local_dp" else "central"
+            text += (f" With {kind} differential privacy, no hospital spent more than epsilon "
+                     f"{max(spent):.2f} (delta {privacy.get('delta')}): "
+                     f"{words.epsilon_strength(max(spent))} protection.")
+    return text
 
 
 def _config(facts: dict[str, Any]) -> str:
     cfg, sites = facts["cfg"], facts["sites"]
     task = cfg.get("task", {})
     what, _ = words.task_words(str(task.get("name")))
-    data = task.get("dataset") or task.get("protocol")
+    dataset = task.get("dataset")
+    data = (words.DATASETS.get(str(dataset), f"data set {dataset}") if dataset
+            else f"protocol {task.get('protocol')}" if task.get("protocol") else None)
     rows = [
         ["What is predicted", what],
         ["Data", f"`{task.get('data_dir')}`" + (f" ({data})" if data else "")],
@@ -192,7 +229,7 @@ def _glance(facts: dict[str, Any]) -> str:
     if not pooled:
         return "## Results\n\nNo round completed: there are no results."
     worst = summary.get("worst_site") or {}
-    rows = [["pooled AUC", pooled.get("auc"), "all hospitals' test patients together"],
+    rows = [["pooled AUC", pooled.get("auc"), f"all hospitals' test {_unit(facts)} together"],
             ["pooled accuracy", pooled.get("accuracy"), "at the operating threshold"],
             ["pooled sensitivity", pooled.get("sensitivity"), "ill patients flagged"],
             ["pooled specificity", pooled.get("specificity"), "healthy patients cleared"],
@@ -233,8 +270,11 @@ def _notice(facts: dict[str, Any]) -> str:
                                ("specificity", "without the condition", "flagged")):
             value = m.get(key)
             if value is not None and value < LOW_RATE:
-                notes.append(f"At **{site}** the {key} is {value:.2f}: {1 - value:.0%} of its "
-                             f"test {unit} {who} are {what}.")
+                total = m.get("num-positive" if key == "sensitivity" else "num-negative")
+                share = (f"{total - round(value * total)} of its {total}" if total else
+                         f"{1 - value:.0%} of its")
+                notes.append(f"At **{site}** the {key} is {value:.2f}: {share} test {unit} "
+                             f"{who} are {what}.")
         n = m.get("num-examples")
         if n is not None and n < SMALL_TEST_SET:
             notes.append(f"**{site}** has only {n} test {unit}: one of them moves its accuracy "
@@ -289,9 +329,20 @@ def _curves(facts: dict[str, Any]) -> str:
     what = ("epoch blocks of training on the pooled data" if _centralized(facts) else "rounds")
     return ("## Over the rounds\n\n"
             f"Accuracy, AUC and loss (lower is better) of the model after each of the {what}, "
-            "at each hospital (thin lines) and pooled over all test patients (thick black "
-            "line). Curves that flatten mean more rounds would add little.\n\n"
-            f"![metrics over rounds]({METRICS_PLOT})")
+            f"at each hospital (thin lines) and pooled over all test {_unit(facts)} (thick "
+            "black line). Curves that flatten mean more rounds would add little."
+            + _threshold_note(facts) + f"\n\n![metrics over rounds]({METRICS_PLOT})")
+
+
+def _threshold_note(facts: dict[str, Any]) -> str:
+    """Why the curves' last accuracy differs from the tables' under a chosen threshold."""
+    threshold = facts["summary"].get("threshold")
+    if threshold is None or abs(float(threshold) - 0.5) < 1e-9:
+        return ""
+    return (" Accuracy along the curves is at the default threshold 0.5; the tables above "
+            f"are at the operating threshold {float(threshold):.3f} chosen after training, "
+            "so the final accuracy there differs (AUC and loss do not depend on the "
+            "threshold).")
 
 
 def _confusion(facts: dict[str, Any]) -> str:
@@ -301,7 +352,8 @@ def _confusion(facts: dict[str, Any]) -> str:
         return ""
     _, positive = words.task_words(str(facts["cfg"].get("task", {}).get("name")))
     lines = ["## Operating threshold and confusion counts", "",
-             words.threshold_words(summary.get("threshold_rule"), summary.get("threshold")), ""]
+             words.threshold_words(summary.get("threshold_rule"), summary.get("threshold"),
+                                  _unit(facts)), ""]
     rows = [[site, *_counts(m)] for site, m in sorted(per_site.items())]
     rows.append(["**all hospitals**", *_counts(pooled)])
     if all(r[1] == "n/a" for r in rows):
@@ -313,7 +365,7 @@ def _confusion(facts: dict[str, Any]) -> str:
               "sensitivity, specificity and class counts (nothing per patient is released).",
               "", _table([
                   "hospital", f"{positive}: flagged (TP)", f"{positive}: missed (FN)",
-                  "without: cleared (TN)", "without: flagged (FP)"], rows)]
+                  f"no {positive}: cleared (TN)", f"no {positive}: flagged (FP)"], rows)]
     return "\n".join(lines)
 
 
@@ -401,7 +453,7 @@ def _privacy(facts: dict[str, Any]) -> str:
         row = [site, spend.get("epsilon"), spend.get("rounds_trained"),
                words.PRIVACY_STATUS.get(status, str(status)),
                spend.get("budget_epsilon") if spend.get("budget_epsilon") is not None
-               else "none"]
+               else "no cap"]
         rows.append(row + ([mia.get(site)] if mia else []))
     lines.append(_table(header, rows))
     central = privacy.get("central")
@@ -411,6 +463,9 @@ def _privacy(facts: dict[str, Any]) -> str:
                   f"(noise multiplier {central.get('noise_multiplier')})."]
     if privacy.get("stopped_early"):
         lines += ["", f"The run stopped early: {privacy['stopped_early']}."]
+    lines += ["", "Not covered by epsilon: the test metrics and training loss each hospital "
+              "reports, and facts about a hospital as a whole (its size, its class counts, "
+              "that it takes part); see docs/privacy.md."]
     if mia:
         lines += ["", _MIA]
     if facts["ledger"]:

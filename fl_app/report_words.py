@@ -46,6 +46,14 @@ STRATEGIES = {
                    "compared with, not something a consortium can do without moving data.",
 }
 
+# task.dataset -> plain words (imaging tasks)
+DATASETS = {
+    "pneumoniamnist": "PneumoniaMNIST: the Kermany images reduced to 28x28 pixels, official "
+                      "split",
+    "kermany64": "Kermany images at 64x64 pixels, split by patient",
+    "kermany128": "a subset of the Kermany images at 128x128 pixels, split by patient",
+}
+
 # tasks whose unit of data is an image (a patient may have several), not a patient record
 IMAGE_TASKS = ("chest_xray", "mammography", "mammography_patches")
 
@@ -148,7 +156,12 @@ def secagg_words(secagg: dict[str, Any]) -> str:
         return text
 
 
-def threshold_words(rule: Any, threshold: float | None) -> str:
+def epsilon_strength(epsilon: float) -> str:
+    """The usual reading of an epsilon: strong (<= 1), moderate (<= 10) or weak protection."""
+    return "strong" if epsilon <= 1 else "moderate" if epsilon <= 10 else "weak"
+
+
+def threshold_words(rule: Any, threshold: float | None, unit: str = "patients") -> str:
     """How the operating threshold was chosen and its value."""
     cut = 0.5 if threshold is None else float(threshold)
     raw = "0.5" if rule is None else str(rule).strip().lower()
@@ -158,7 +171,8 @@ def threshold_words(rule: Any, threshold: float | None) -> str:
         how = THRESHOLD_RULES["sensitivity"].format(value=raw.split(":", 1)[1])
     else:
         how = "fixed"
-    return (f"A patient is called positive when the model's probability is at least "
+    one = "An image" if unit == "images" else "A patient"
+    return (f"{one} is called positive when the model's probability is at least "
             f"**{cut:.3f}** ({how}).")
 
 

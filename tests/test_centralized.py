@@ -39,6 +39,9 @@ def test_chest_xray_baseline_writes_the_run_folder_of_a_federated_run(
     assert sum(s["num_train"] for s in sites) == 4708  # the whole official train split
     assert summary["pooled"]["num-examples"] == 624  # the whole official test split
     assert summary["pooled"]["auc"] >= 0.90
+    text = (run / "report.md").read_text()  # the run report of the baseline
+    assert "Centralized baseline" in text and "| **all hospitals** |" in text
+    assert f"| pooled AUC | {summary['pooled']['auc']:.3f} |" in text
     accuracies = [m["accuracy"] for m in summary["per_site"].values()]
     assert summary["mean_site_accuracy"] == pytest.approx(sum(accuracies) / 5)
     # per-site metrics are the final model on that site's test share

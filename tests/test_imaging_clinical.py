@@ -279,6 +279,10 @@ def test_kermany_youden_run_and_external_validation(
     assert report["auc_ci95"][0] < report["auc"] < report["auc_ci95"][1]
     assert 0.0 <= report["ece"] <= 1.0 and (run / report["reliability_png"]).is_file()
     assert "AUC" in done.stdout and "95% CI" in done.stdout
+    text = (run / "report.md").read_text()  # the run report gains the external validation
+    assert "## External validation" in text and f"| site0_test | {report['num-examples']} |" \
+        in text and f"]({report['reliability_png']})" in text
+    assert f"at least **{summary['threshold']:.3f}**" in text  # the youden threshold
     report = evaluate_external(run, shared_data / "chest_xray" / "kermany_cxr_64.npz", "test")
     assert report["num-examples"] == 624
     assert report["auc"] == pytest.approx(pooled["auc"], abs=2e-3)
