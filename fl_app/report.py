@@ -172,8 +172,9 @@ def _in_short(facts: dict[str, Any]) -> str:
     where = ("on all hospitals' training data pooled in one place (centralized baseline)"
              if _centralized(facts) else f"across {len(facts['sites'])} {simulated}hospitals "
              "without moving their data")
-    text = (f"**In short.** The model was trained {where} for "
-            f"{summary.get('rounds_completed', len(facts['history']))} round(s). On all "
+    rounds = summary.get("rounds_completed", len(facts["history"]))
+    text = (f"**In short.** The model was trained for {rounds} round{'s' * (rounds != 1)} "
+            f"{where}. On all "
             f"hospitals' test {_unit(facts)} together it reaches AUC {_num(pooled.get('auc'))}"
             f" and accuracy {_num(pooled.get('accuracy'))}.")
     worst = (summary.get("worst_site") or {}).get("accuracy")
