@@ -142,12 +142,14 @@ def external(facts: dict[str, Any]) -> str:
     if not reports:
         return ""
     lines = ["## External validation", "",
-             "The final model on data from outside the consortium (`python -m fl_app.evaluate`)"
-             ", at the run's operating threshold:", ""]
+             "The final model on further data, e.g. a hospital outside the consortium "
+             "(`python -m fl_app.evaluate`), at the run's operating threshold:", ""]
     rows = []
     for name, r in sorted(reports.items()):
         low, high = (r.get("auc_ci95") or [None, None])[:2]
-        rows.append([name, r.get("num-examples"), r.get("num-positive"), r.get("auc"),
+        split = r.get("split")
+        rows.append([name + (f" ({split} split)" if split and split != "all" else ""),
+                     r.get("num-examples"), r.get("num-positive"), r.get("auc"),
                      f"{fmt.num(low)}-{fmt.num(high)}", r.get("accuracy"), r.get("sensitivity"),
                      r.get("specificity"), r.get("ece")])
     lines.append(fmt.table(["data", "images", "positive", "AUC", "AUC 95% CI", "accuracy",

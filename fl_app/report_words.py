@@ -59,9 +59,11 @@ IMAGE_TASKS = ("chest_xray", "mammography", "mammography_patches")
 
 # summary.json privacy per_site status -> plain words
 PRIVACY_STATUS = {
-    "active": "trained to the end",
-    "budget_exhausted": "stopped: its privacy budget was used up",
-    "excluded": "stopped: its privacy budget was used up",
+    "active": "budget left",
+    "budget_exhausted": "stopped: one more round would exceed its budget",
+    "excluded": "stopped: one more round would exceed its budget",
+    "refused": "stopped: the request broke the hospital's own privacy limits",
+    "rejected": "stopped: the server rejected its reply (inconsistent privacy report)",
 }
 
 PARTITIONS = {

@@ -174,7 +174,7 @@ def test_run_report_of_a_local_dp_run_reads_from_its_files(local_run, tmp_path):
     assert f"| worst hospital (accuracy) | {worst['value']:.3f} | {worst['site']}, " in text
     for site, spend in summary["privacy"]["per_site"].items():
         assert f"| {site} | {spend['epsilon']:.3f} | {spend['rounds_trained']} |" in text
-    assert "stopped: its privacy budget was used up" in text  # sites stop at rounds 0..4
+    assert "stopped: one more round would exceed its budget" in text  # stops in rounds 1..4
     assert "The run stopped early" in text and "min_sites=2" in text
     for site, m in summary["per_site"].items():  # TP + FN = positives, TN + FP = negatives
         tp = round(m["sensitivity"] * m["num-positive"]) if m["num-positive"] else 0
