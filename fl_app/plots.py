@@ -107,23 +107,27 @@ def plot_sites(per_site: dict[str, dict[str, Any]], path: Path, title: str) -> P
 
 
 def plot_bytes(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Bytes each site sent (up) and received (down) per round, in MB, from metrics.jsonl."""
+    """Bytes each site sent (up) and received (down) per round, in kB or MB, from
+    metrics.jsonl."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    largest = max((max(v.values()) if isinstance(v, dict) and v else v or 0)
+                  for h in history for v in (h.get("bytes_up"), h.get("bytes_down")))
+    scale, unit = byte_unit(largest)
     for ax, key in zip(axes, ("bytes_up", "bytes_down"), strict=True):
         per_round = [(h["round"], h.get(key)) for h in history if h.get(key) is not None]
         sites = sorted({s for _, v in per_round if isinstance(v, dict) for s in v})
         for site in sites:
             points = [(r, v[site]) for r, v in per_round if isinstance(v, dict) and site in v]
-            ax.plot([r for r, _ in points], [b / 1e6 for _, b in points], marker=".",
+            ax.plot([r for r, _ in points], [b / scale for _, b in points], marker=".",
                     label=site)
         totals = [(r, v) for r, v in per_round if isinstance(v, (int, float))]
         if totals:
-            ax.plot([r for r, _ in totals], [b / 1e6 for _, b in totals], marker=".",
+            ax.plot([r for r, _ in totals], [b / scale for _, b in totals], marker=".",
                     color="black", label="all sites")
         ax.set_title("sent by each site (up)" if key == "bytes_up" else
                      "received by each site (down)")
         ax.set_xlabel("round")
-        ax.set_ylabel("MB")
+        ax.set_ylabel(unit)
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -154,6 +158,11 @@ def plot_reliability(bins: list[dict[str, Any]], path: Path, title: str) -> Path
     bottom.set_xlabel("predicted probability of the positive class")
     bottom.set_ylabel("images")
     return _save(fig, path)
+
+
+def byte_unit(largest: float) -> tuple[float, str]:
+    """(divisor, name) that shows ``largest`` bytes as a readable number: kB or MB."""
+    return (1e6, "MB") if largest >= 1e6 else (1e3, "kB")
 
 
 def _save(fig: Any, path: Path, layout: bool = True) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fl_app import report_format as fmt
 from fl_app import report_words as words
+from fl_app.plots import byte_unit
 
 
 def privacy(facts: dict[str, Any]) -> str:
@@ -118,6 +119,8 @@ def security(facts: dict[str, Any]) -> str:
 
 
 def communication(facts: dict[str, Any]) -> str:
+    """Bytes each hospital sent and received (metrics.jsonl ``bytes_up`` / ``bytes_down``:
+    site -> bytes per round), in total and per hospital and round."""
     history = facts["history"]
     if not any(h.get("bytes_up") is not None or h.get("bytes_down") is not None
                for h in history):
@@ -125,15 +128,19 @@ def communication(facts: dict[str, Any]) -> str:
     totals = {}
     for key in ("bytes_up", "bytes_down"):
         values = [h.get(key) for h in history if h.get(key) is not None]
-        per_round = [sum(v.values()) if isinstance(v, dict) else v for v in values]
-        totals[key] = (sum(per_round), sum(per_round) / len(per_round)) if per_round else None
-    rows = [[label, f"{t[0] / 1e6:.3f}", f"{t[1] / 1e6:.3f}"]
+        counts = [len(v) if isinstance(v, dict) else 1 for v in values]
+        sums = [sum(v.values()) if isinstance(v, dict) else v for v in values]
+        totals[key] = (sum(sums), sum(sums) / max(1, sum(counts))) if values else None
+    scale, name = byte_unit(max(t[0] for t in totals.values() if t))
+    rows = [[label, f"{t[0] / scale:.3f}", f"{t[1] / scale:.3f}"]
             for label, t in (("sent by the hospitals (up)", totals["bytes_up"]),
                              ("sent to the hospitals (down)", totals["bytes_down"])) if t]
     compression = facts["cfg"].get("compression")
     return ("## What the wire carried\n\n"
-            + (f"Compression: `{compression}`.\n\n" if compression is not None else "")
-            + fmt.table(["direction", "MB in total", "MB per round (all hospitals)"], rows)
+            + (f"Compression of model updates: `{compression}`.\n\n"
+               if compression is not None else "")
+            + fmt.table(["direction", f"{name} in total", f"{name} per hospital and round"],
+                        rows)
             + f"\n\n![bytes per hospital and round]({fmt.BYTES_PLOT})")
 
 

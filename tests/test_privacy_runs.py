@@ -194,9 +194,9 @@ def test_run_report_of_a_local_dp_run_reads_from_its_files(local_run, tmp_path):
 
 
 def test_run_report_shows_optional_sections_when_present(local_run, tmp_path):
-    """Contribution scores, personalised models, membership-inference AUCs and bytes on the
-    wire appear in the report when summary.json / metrics.jsonl carry them (other features
-    write them); absent, their sections are left out."""
+    """Contribution scores, personalised models and membership-inference AUCs appear in the
+    report when summary.json carries them (other features write them); absent, their
+    sections are left out. Bytes on the wire (metrics.jsonl) are totalled."""
     import shutil
 
     from fl_app.report import write_report
@@ -204,8 +204,12 @@ def test_run_report_shows_optional_sections_when_present(local_run, tmp_path):
     _, run_dir = local_run
     text = (run_dir / "report.md").read_text()
     for heading in ("## What each hospital contributes", "## Personalised models",
-                    "membership-inference AUC", "## What the wire carried"):
+                    "membership-inference AUC"):
         assert heading not in text, heading
+    lines = read_lines(run_dir / "metrics.jsonl")  # bytes_up: {site: bytes} every round
+    total_up = sum(sum(line["bytes_up"].values()) for line in lines) / 1e3  # kB
+    assert "## What the wire carried" in text and f"| {total_up:.3f} |" in text
+    assert (run_dir / "plots" / "communication.png").is_file()
     copy = tmp_path / run_dir.name
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.md", "plots"))
     summary = json.loads((copy / "summary.json").read_text())
@@ -217,17 +221,9 @@ def test_run_report_shows_optional_sections_when_present(local_run, tmp_path):
                                "mean_site_accuracy": summary["mean_site_accuracy"] + 0.01}
     summary["membership_inference"] = {s: 0.5 + 0.01 * i for i, s in enumerate(sites)}
     (copy / "summary.json").write_text(json.dumps(summary))
-    lines = read_lines(copy / "metrics.jsonl")
-    for line in lines:
-        line["bytes_up"] = {s: 4000 for s in sites}
-        line["bytes_down"] = {s: 8000 for s in sites}
-    (copy / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     text = write_report(copy).read_text()
     assert "## What each hospital contributes" in text and "Method: shapley" in text
     assert f"| {sites[-1]} | {0.1 * (len(sites) - 1):.3f} |" in text
     assert "## Personalised models" in text and "| +0.010 |" in text
     spend = summary["privacy"]["per_site"][sites[1]]
     assert f"| {sites[1]} | {spend['epsilon']:.3f} |" in text and "| 0.510 |" in text
-    total_up = 4000 * len(sites) * len(lines) / 1e6
-    assert "## What the wire carried" in text and f"| {total_up:.3f} |" in text
-    assert (copy / "plots" / "communication.png").is_file()
