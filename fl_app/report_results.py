@@ -275,20 +275,38 @@ def personalized(facts: dict[str, Any]) -> str:
 
 
 def contribution(facts: dict[str, Any]) -> str:
+    """summary.json ``contribution``: each hospital's score (with its standard error and
+    leave-one-out score where given) and what the scores are measured in."""
     section = facts["summary"].get("contribution")
     if not isinstance(section, dict) or not isinstance(section.get("scores"), dict):
         return ""
     scores = section["scores"]
-    rows = [[site, score] for site, score in sorted(scores.items(), key=lambda kv: -_key(kv[1]))]
-    extra = {k: v for k, v in section.items() if k not in ("scores", "method")
-             and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    notes = "; ".join(f"{k.replace('_', ' ')}: {fmt.num(v)}" for k, v in sorted(extra.items()))
+    errors = section.get("standard_error") if isinstance(section.get("standard_error"),
+                                                         dict) else {}
+    loo = section.get("leave_one_out") if isinstance(section.get("leave_one_out"), dict) else {}
+    header = ["hospital", "score"] + (["± s.e."] if errors else []) + (
+        ["leave-one-out"] if loo else [])
+    rows = [[site, score] + ([errors.get(site)] if errors else []) + (
+        [loo.get(site)] if loo else [])
+            for site, score in sorted(scores.items(), key=lambda kv: -_key(kv[1]))]
+    utility = section.get("utility", "model quality")
+    facts_line = []
+    if section.get("utility_full") is not None and section.get("utility_initial") is not None:
+        facts_line.append(f"the model trained by all hospitals reaches {utility} "
+                          f"{fmt.num(section['utility_full'])} against "
+                          f"{fmt.num(section['utility_initial'])} for the initial model")
+    if section.get("sum_of_scores") is not None:
+        facts_line.append(f"the scores add up to {fmt.num(section['sum_of_scores'])}")
+    if section.get("evaluations") is not None:
+        facts_line.append(f"{section['evaluations']} combinations of hospitals were evaluated")
     return ("## What each hospital contributes\n\n"
-            f"Method: {section.get('method', '?')}. A hospital's score is how much the final "
-            "model's quality gains from including its data and updates (computed by the "
-            "hospitals evaluating models on their own validation patients). Positive: it "
-            "helps; negative: the model is better without it.\n\n"
-            + fmt.table(["hospital", "score"], rows) + (f"\n\n{notes}." if notes else ""))
+            f"Method: {section.get('method', '?')} (utility: {utility}, measured on the "
+            "hospitals' validation data). A hospital's score is how much the model's quality "
+            "gains from including its updates; the hospitals evaluate the models of "
+            "combinations of hospitals on their own data, so no data leaves them. Positive: "
+            "it helps; negative: the model is better without it.\n\n"
+            + fmt.table(header, rows)
+            + (f"\n\nFor scale: {'; '.join(facts_line)}." if facts_line else ""))
 
 
 def _key(value: Any) -> float:

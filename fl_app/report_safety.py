@@ -61,7 +61,8 @@ def privacy(facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_MIA = ("Membership-inference AUC: how well an attacker holding the final model tells a "
+_MIA = ("Membership-inference AUC (a loss-threshold attack each hospital runs on its own "
+        "data): how well an attacker holding the final model tells a "
         "hospital's training patients from patients it never saw (0.5 = no better than a coin; "
         "1 = always). It is the measured leakage, beside the formal guarantee (epsilon).")
 

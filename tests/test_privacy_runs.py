@@ -214,16 +214,21 @@ def test_run_report_shows_optional_sections_when_present(local_run, tmp_path):
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "report.md", "plots"))
     summary = json.loads((copy / "summary.json").read_text())
     sites = sorted(summary["per_site"])
-    summary["contribution"] = {"method": "shapley", "scores": {s: 0.1 * i for i, s in
-                                                                enumerate(sites)}}
+    summary["contribution"] = {  # the shape of strategies/contribution.py summary()
+        "method": "shapley", "utility": "auc", "scores": {s: 0.1 * i for i, s in
+                                                          enumerate(sites)},
+        "standard_error": {s: 0.0 for s in sites}, "leave_one_out": {s: 0.05 for s in sites},
+        "utility_full": 0.9, "utility_initial": 0.5, "sum_of_scores": 0.6, "evaluations": 16}
     summary["personalized"] = {"per_site": {s: {**m, "accuracy": m["accuracy"] + 0.01}
                                             for s, m in summary["per_site"].items()},
                                "mean_site_accuracy": summary["mean_site_accuracy"] + 0.01}
-    summary["membership_inference"] = {s: 0.5 + 0.01 * i for i, s in enumerate(sites)}
+    summary["membership_inference"] = {"attack": "loss_threshold", "per_site": {
+        s: 0.5 + 0.01 * i for i, s in enumerate(sites)}}
     (copy / "summary.json").write_text(json.dumps(summary))
     text = write_report(copy).read_text()
     assert "## What each hospital contributes" in text and "Method: shapley" in text
-    assert f"| {sites[-1]} | {0.1 * (len(sites) - 1):.3f} |" in text
+    assert f"| {sites[-1]} | {0.1 * (len(sites) - 1):.3f} | 0.000 | 0.050 |" in text
+    assert "the scores add up to 0.600" in text
     assert "## Personalised models" in text and "| +0.010 |" in text
     spend = summary["privacy"]["per_site"][sites[1]]
     assert f"| {sites[1]} | {spend['epsilon']:.3f} |" in text and "| 0.510 |" in text
