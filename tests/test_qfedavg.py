@@ -18,6 +18,7 @@ from strategies.factory import QFedAvg
 from strategies.secure_aggregation import check_secure_aggregation
 
 
+@pytest.mark.e2e  # a Flower simulation (Ray)
 def test_qfedavg_heart_disease_run_completes_and_reports_the_worst_site(shared_data, tmp_path):
     cfg = compose_config(
         f"task=heart_disease task.data_dir={shared_data / 'heart_disease'} strategy=qfedavg "
