@@ -20,6 +20,7 @@ as a warning and tracking stops for that run; the run folder stays the record.
 from __future__ import annotations
 
 import json
+import re
 import time
 from logging import WARNING
 from pathlib import Path
@@ -50,14 +51,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: text[:MAX_PARAM_CHARS]}
 
 
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries, under keys MLflow accepts (a site name may hold any character;
+    MLflow allows letters, digits and ``_-. :/``)."""
+    return {re.sub(r"[^\w\-. :/]", "_", k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def round_metrics(line: dict[str, Any]) -> dict[str, float]:
     """The numbers of one metrics.jsonl line under MLflow keys (pooled/, site/, train/)."""
     out = {f"pooled/{k}": v for k, v in (line.get("pooled") or {}).items()}
     for group, key in (("site", "per_site"), ("train", "train")):
         for site, metrics in (line.get(key) or {}).items():
             out.update({f"{group}/{site}/{k}": v for k, v in metrics.items()})
-    return {k: float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return _numbers(out)
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -67,8 +74,7 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out.update({f"final/site/{site}/{k}": v for k, v in metrics.items()})
     for key in ("mean_site_accuracy", "mean_site_auc", "one_class_sites"):
         out[f"final/{key}"] = summary.get(key)
-    return {k: float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return _numbers(out)
 
 
 def local_store(output_dir: str | Path) -> tuple[str, str]:

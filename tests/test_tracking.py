@@ -60,9 +60,10 @@ def test_mlflow_reads_back_a_tracked_federated_run(small_federated_run: Path) ->
 
 def test_metric_and_param_names() -> None:
     line = {"round": 3, "pooled": {"auc": 0.9, "num-examples": 7},
-            "per_site": {"va": {"accuracy": 0.8, "auc": None}}, "train": {"va": {"x": True}}}
+            "per_site": {"va": {"accuracy": 0.8, "auc": None}, "St Mary's": {"auc": 0.7}},
+            "train": {"va": {"x": True}}}
     assert round_metrics(line) == {"pooled/auc": 0.9, "pooled/num-examples": 7.0,
-                                   "site/va/accuracy": 0.8}
+                                   "site/va/accuracy": 0.8, "site/St Mary_s/auc": 0.7}
     assert flatten({"task": {"lr": 0.05, "widths": [8, 16], "dir": None}, "name": "x"}) == {
         "task.lr": "0.05", "task.widths": "[8, 16]", "task.dir": "null", "name": "x"}
 
