@@ -167,6 +167,8 @@ def membership_stage(guard: FederationGuard, cfg: DictConfig, record: ConfigReco
         "mean": float(np.mean(defined)) if defined else None,
         "members": {s: int(m["members"]) for s, m in sorted(found.items())},
         "non_members": {s: int(m["non-members"]) for s, m in sorted(found.items())},
+        "non_member_split": {s: "val" if m.get("non-members-from-val") else "test"
+                             for s, m in sorted(found.items())},
         "privacy": str(cfg.privacy.name),
     }
 

@@ -8,9 +8,10 @@ Both run in the ClientApp's evaluate handler and reply only aggregate numbers:
   and the k-patient score groups the pooled AUC needs; tasks/score_groups.py);
 - the membership-inference audit (``audit.membership``): a loss-threshold attack (Yeom et al.
   2018) on the final global model. Members = the hospital's training patients, non-members =
-  its held-out test patients; the attack scores each patient by minus its loss and the reply
-  is only the attack's ROC AUC over members vs non-members (0.5 = the loss does not tell
-  them apart) and the two counts.
+  its held-out validation patients (same population; the test split where there is no
+  validation split); the attack scores each patient by minus its loss and the reply is only
+  the attack's ROC AUC over members vs non-members, taken within each class (0.5 = the loss
+  does not tell them apart) and the two counts.
 
 Kept light: a ClientApp process imports this for every message (scikit-learn is imported
 only when an AUC is computed, tasks.engine.roc_auc_score).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -65,32 +67,54 @@ def _without_augmentation(dataset: Dataset) -> Dataset:
 
 
 @torch.no_grad()
-def example_losses(model: nn.Module, dataset: Dataset, device: torch.device) -> np.ndarray:
-    """Cross-entropy of ``model`` on every example of ``dataset`` (float64)."""
+def example_losses(model: nn.Module, dataset: Dataset, device: torch.device
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-entropy of ``model`` on every example of ``dataset`` (float64), and the labels."""
     model.to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="none")
-    losses = [criterion(model(x.to(device)), y.to(device)).double().cpu().numpy()
-              for x, y in engine.make_loader(dataset, 256, shuffle=False, seed=0)]
-    return np.concatenate(losses) if losses else np.zeros(0)
+    losses, labels = [], []
+    for x, y in engine.make_loader(dataset, 256, shuffle=False, seed=0):
+        losses.append(criterion(model(x.to(device)), y.to(device)).double().cpu().numpy())
+        labels.append(y.numpy())
+    if not losses:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(losses), np.concatenate(labels)
 
 
-def membership_attack_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
-    """ROC AUC of the loss-threshold attack: score = minus the loss, label 1 = member."""
-    labels = np.r_[np.ones(len(member_losses)), np.zeros(len(nonmember_losses))]
-    return engine.binary_auc(labels, -np.r_[member_losses, nonmember_losses])
+def membership_attack_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray,
+                          member_labels: np.ndarray | None = None,
+                          nonmember_labels: np.ndarray | None = None) -> float:
+    """ROC AUC of the loss-threshold attack: score = minus the loss, positive = member.
+
+    With labels, the AUC is taken within each class and averaged (weighted by the class's
+    member x non-member pairs): a model's loss differs between classes, so members and
+    non-members with different class mixes would otherwise be told apart by their labels,
+    not by membership."""
+    if member_labels is None or nonmember_labels is None:
+        labels = np.r_[np.ones(len(member_losses)), np.zeros(len(nonmember_losses))]
+        return engine.binary_auc(labels, -np.r_[member_losses, nonmember_losses])
+    total, pairs = 0.0, 0
+    for c in np.intersect1d(member_labels, nonmember_labels):
+        m, n = member_losses[member_labels == c], nonmember_losses[nonmember_labels == c]
+        total += membership_attack_auc(m, n) * len(m) * len(n)
+        pairs += len(m) * len(n)
+    return total / pairs if pairs else math.nan
 
 
 def membership_metrics(model: nn.Module, site: Any, device: torch.device) -> RecordDict:
-    """The attack on the final model: members (training split) vs non-members (test split)."""
-    members = example_losses(model, _without_augmentation(site.train), device)
-    others = example_losses(model, site.test, device)
+    """The attack on the final model: members (the training split) vs non-members (the
+    validation split where the site has one: drawn from the same patients' population as
+    the training split; else the test split)."""
+    val = getattr(site, "val", None)
+    held_out = val if val is not None and len(val) else site.test
+    members, member_labels = example_losses(model, _without_augmentation(site.train), device)
+    others, other_labels = example_losses(model, held_out, device)
     if len(members) == 0 or len(others) == 0:
-        raise DataError(f"site {site.name} needs training and test patients for the "
+        raise DataError(f"site {site.name} needs training and held-out patients for the "
                         "membership-inference audit")
     return RecordDict({MEMBERSHIP_RECORD: MetricRecord({
-        "auc": membership_attack_auc(members, others),
+        "auc": membership_attack_auc(members, others, member_labels, other_labels),
         "members": len(members),
         "non-members": len(others),
-        "member-loss": float(members.mean()),
-        "non-member-loss": float(others.mean()),
+        "non-members-from-val": int(held_out is val),
     })})

@@ -1,5 +1,6 @@
 """Contribution scores (strategies/contribution.py, fl_app/after_training.py).
 
+The clean run also runs the membership-inference audit (audit.membership=true).
 Unit: the scoring methods on synthetic games with known Shapley values; the refusals.
 End to end (real data: heart disease, 4 real hospitals, 3 rounds, in-process simulation):
 on clean data no hospital's Shapley or leave-one-out score is below -0.02 (VA adds about
@@ -102,10 +103,14 @@ def run(tmp: Path, data: Path, overrides: str) -> tuple[dict[str, Any], Path]:
     return json.loads((folder / "summary.json").read_text()), folder
 
 
+def _sites(folder: Path) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in json.loads((folder / "sites.json").read_text())["sites"]}
+
+
 @pytest.mark.e2e
 def test_clean_hospitals_all_contribute_and_shapley_is_efficient(
         tmp_path: Path, shared_data: Path) -> None:
-    summary, folder = run(tmp_path, shared_data / "heart_disease", "")
+    summary, folder = run(tmp_path, shared_data / "heart_disease", "audit.membership=true")
     c = summary["contribution"]
     assert summary["status"] == "completed"
     assert c["method"] == "shapley" and c["estimator"] == "exact" and c["utility"] == "auc"
@@ -130,6 +135,17 @@ def test_clean_hospitals_all_contribute_and_shapley_is_efficient(
     assert [(x["stage"], len(x["asked"]), len(x["answered"])) for x in stage["exchanges"]] \
         == [("evaluate", 4, 4)]
     assert stage["result"]["scores"] == c["scores"]
+    # the membership-inference audit of the same run (fl_app/site_audits.py): one AUC per
+    # hospital, members = its training patients, non-members = its validation patients
+    mia = summary["membership_inference"]
+    assert mia["attack"] == "loss_threshold" and mia["privacy"] == "none"
+    assert sorted(mia["per_site"]) == sorted(c["scores"])
+    assert all(0.0 <= auc <= 1.0 for auc in mia["per_site"].values())
+    assert mia["mean"] == pytest.approx(sum(mia["per_site"].values()) / 4)
+    assert set(mia["non_member_split"].values()) == {"val"} and mia["epsilon"] is None
+    assert mia["members"] == {s: m["num_train"] for s, m in _sites(folder).items()}
+    (audited,) = [e for e in entries if e["event"] == "membership"]
+    assert audited["result"] == {k: v for k, v in mia.items() if k != "epsilon"}
 
 
 @pytest.mark.e2e
