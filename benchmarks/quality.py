@@ -140,11 +140,15 @@ HEART_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 
 # --------------------------------------------------------------------------- heart disease
-def heart_disease(size: dict[str, Any], out: Path, protocol: str) -> dict[str, Any]:
-    """The heart-disease section: every strategy, local-only and centralized, over seeds."""
+def heart_disease(size: dict[str, Any], out: Path, protocol: str,
+                  only: list[str] | None = None) -> dict[str, Any]:
+    """The heart-disease section: every strategy, local-only and centralized, over seeds.
+
+    ``only``: just these strategies (no local-only or centralized rows), to add rows to a
+    section measured before (see :func:`merge_rows`)."""
     base = (f"task=heart_disease partition=natural task.data_dir={data_dir('heart_disease')} "
             f"task.protocol={protocol} task.model=logreg num_rounds={size['heart_rounds']}")
-    wanted = size["heart_strategies"]
+    wanted = only or size["heart_strategies"]
     rows = []
     for label, strategy, extra in HEART_STRATEGIES:
         if wanted is not None and strategy not in wanted:
@@ -158,6 +162,8 @@ def heart_disease(size: dict[str, Any], out: Path, protocol: str) -> dict[str, A
                 f"{base} strategy={s} {e} seed={seed}", f / f"seed{seed}"),
             size["heart_seeds"])
         rows.append(row_of(label, "federated", summaries, errors, HEART_KEYS))
+    if only:
+        return {"setup": {"overrides": base, "seeds": list(size["heart_seeds"])}, "rows": rows}
     summaries, errors = seeds_of(
         lambda seed: local_only(f"{base} seed={seed}"), size["heart_seeds"])
     rows.append(row_of("local only", "local", summaries, errors, HEART_KEYS))
@@ -281,6 +287,21 @@ def mammography(size: dict[str, Any], out: Path) -> dict[str, Any]:
             "rows": rows}
 
 
+def merge_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` section with ``new``'s rows put in place of (or beside) the rows of the same
+    method, each new row stamped with its own machine record (``measured``)."""
+    if old.get("setup", {}).get("overrides") != new["setup"]["overrides"]:
+        raise SystemExit("benchmark: --strategies adds rows to a section measured with the same "
+                         "overrides and size; run the whole section instead")
+    order = [label for label, _, _ in HEART_STRATEGIES]
+    rows = {r["method"]: r for r in old["rows"]}
+    for row in new["rows"]:
+        rows[row["method"]] = {**row, "measured": new["machine"]}
+    ranked = sorted(rows.values(), key=lambda r: order.index(r["method"])
+                    if r["method"] in order else len(order))
+    return {**old, "rows": ranked}
+
+
 def _ratios(rows: list[dict[str, Any]], key: str) -> None:
     """Each federated row's ``key`` mean over the centralized row's (``of_centralized``)."""
     central = next((r for r in rows if r["kind"] == "centralized"), None)
@@ -309,6 +330,10 @@ def markdown(result: dict[str, Any]) -> str:
             ([r["method"], fmt(r.get("accuracy")), fmt(r.get("auc")), fmt(r.get("pooled_auc")),
               fmt(r.get("worst_site_accuracy")), r.get("flamby_accuracy") or "",
               fmt(r.get("wall_s"), 1), _status(r)] for r in heart["rows"])))
+        later = [f"{r['method']}: measured {r['measured']['date']}, load "
+                 f"{r['measured']['load_average']}" for r in heart["rows"] if r.get("measured")]
+        if later:
+            parts.append("\nAdded later: " + "; ".join(later) + ".\n")
     for key, title, cols in (
         ("chest_xray", "Chest X-ray (PneumoniaMNIST 28x28)",
          ("pooled_auc", "mean_site_auc", "pooled_accuracy")),
@@ -355,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections to run (default: all of {SECTIONS})")
     parser.add_argument("--protocol", default="flamby",
                         help="heart disease task.protocol (FLamby is compared on flamby only)")
+    parser.add_argument("--strategies", default="",
+                        help="heart disease: only these strategies, merged into the section "
+                             "already in --out (e.g. one that landed after the measurement)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     chosen = [s for s in args.sections.split(",") if s]
@@ -368,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update({"benchmark": NAME, "anchors": {"flamby_heart_disease": FLAMBY,
                    "medmnist_pneumonia_auc": MEDMNIST_PNEUMONIA_AUC}, "goals": GOALS})
-    runners = {"heart_disease": lambda: heart_disease(size, args.out, args.protocol),
+    only = [x for x in args.strategies.split(",") if x] or None
+    if only and "heart_disease" in chosen and "heart_disease" not in result:
+        parser.error("--strategies adds rows to the heart_disease section in --out; there is "
+                     "none yet")
+    runners = {"heart_disease": lambda: heart_disease(size, args.out, args.protocol, only),
                "chest_xray": lambda: chest_xray(size, args.out),
                "mammography": lambda: mammography(size, args.out)}
     for name in chosen:
@@ -376,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         section = runners[name]()
         section.update({"size": label, "machine": before,
                         "load_average_after": machine()["load_average"]})
+        if name == "heart_disease" and only:
+            section = merge_rows(result[name], section)
         result[name] = section
         write_results(args.out, NAME, result, markdown(result))  # each section as it ends
     print(markdown(result), end="")

@@ -32,7 +32,17 @@ def test_quality_tiny_writes_every_section(shared_data: Path, tmp_path: Path) ->
     mammo = {r["method"]: r for r in result["mammography"]["rows"]}
     assert [r["kind"] for r in mammo.values()] == ["federated", "centralized"]
     assert all(0.0 <= r["film_auc"]["mean"] <= 1.0 for r in mammo.values())
+    # a strategy added later: its row joins the section in its place, stamped with its date
+    assert quality.main(["--out", str(tmp_path), "--tiny", "--sections", "heart_disease",
+                         "--strategies", "trimmed_mean"]) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    rows = result["heart_disease"]["rows"]
+    assert [r["method"] for r in rows] == ["fedavg", "median", "trimmed_mean", "local only",
+                                           "centralized (pooled)"]
+    assert rows[2]["status"] == "ok" and "date" in rows[2]["measured"]
+    assert rows[0] == heart["fedavg"]
     table = (tmp_path / "quality.md").read_text()
+    assert "Added later: trimmed_mean: measured" in table
     for line in ("| fedavg | 0.", "| local only |", "| centralized (pooled) |",
                  "| federated fedavg, iid |", "| patch: federated fedavg, 3 hospitals |"):
         assert line in table, line
