@@ -65,7 +65,8 @@ def config(facts: dict[str, Any]) -> str:
     what, _ = words.task_words(str(task.get("name")))
     dataset = task.get("dataset")
     data = (words.DATASETS.get(str(dataset), f"data set {dataset}") if dataset
-            else f"protocol {task.get('protocol')}" if task.get("protocol") else None)
+            else words.PROTOCOLS.get(str(task.get("protocol")), f"protocol {task.get('protocol')}")
+            if task.get("protocol") else None)
     rows = [
         ["What is predicted", what],
         ["Data", f"`{task.get('data_dir')}`" + (f" ({data})" if data else "")],

@@ -54,6 +54,13 @@ DATASETS = {
     "kermany128": "a subset of the Kermany images at 128x128 pixels, split by patient",
 }
 
+# task.protocol -> plain words (heart disease)
+PROTOCOLS = {
+    "flamby": "FLamby's Fed-Heart-Disease benchmark: its split and features",
+    "flamby_sizes": "FLamby's site sizes with another split (seed 42) and all feature levels",
+    "impute": "all 920 patients, missing values filled with the federated mean",
+}
+
 # tasks whose unit of data is an image (a patient may have several), not a patient record
 IMAGE_TASKS = ("chest_xray", "mammography", "mammography_patches")
 
@@ -86,7 +93,7 @@ SECURE_AGGREGATION = {
 
 THRESHOLD_RULES = {
     "youden": "chosen on the hospitals' validation patients to maximise sensitivity + "
-              "specificity (Youden's J)",
+              "specificity, Youden's J",
     "sensitivity": "the highest threshold that keeps sensitivity at or above {value} on the "
                    "hospitals' validation patients (a screening setting)",
 }
