@@ -237,16 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     result: dict[str, Any] = {"machine": machine(), "size": size,
                               "flag": {"full": " --full", "tiny": " --tiny"}.get(size, "")}
-    if "fl" in parts:
-        result["fl_vs_centralized"] = fl_vs_centralized(size, args.out)
-    if "dp" in parts:
-        dp_step.limit_threads(1)
-        result["dp_step"] = dp_step.run(size == "tiny", size == "full")
-    if "secagg" in parts:
-        result["secure_aggregation"] = secagg_rows(size, args.out)
-    result["load_average_after"] = machine()["load_average"]
+    steps = {"fl": ("fl_vs_centralized", lambda: fl_vs_centralized(size, args.out)),
+             "dp": ("dp_step", lambda: dp_step.run(size == "tiny", size == "full")),
+             "secagg": ("secure_aggregation", lambda: secagg_rows(size, args.out))}
+    dp_step.limit_threads(1)
+    for part in ("fl", "dp", "secagg"):
+        if part in parts:
+            key, measure = steps[part]
+            result[key] = measure()
+            # written after each part: a later part's failure keeps the earlier numbers
+            result["load_average_after"] = machine()["load_average"]
+            write_results(args.out, "cost", result, markdown(result))
     text = markdown(result)
-    write_results(args.out, "cost", result, text)
     print(text)
     return 0
 

@@ -40,7 +40,8 @@ from tasks import engine, get_task
 MODES = ("hooks", "ew", "functorch", "ghost")
 # (label, overrides); the task's own model, batch size and optimizer
 MODELS = {
-    "chest_xray": ("chest X-ray CNN 28x28 (GroupNorm)", "task=chest_xray"),
+    "chest_xray": ("chest X-ray CNN 28x28 (GroupNorm)", "task=chest_xray partition=iid "
+                   "partition.num_sites=1"),
     "breast_cancer": ("breast-cancer MLP (30-32-2)", "task=breast_cancer task.model=mlp "
                       "partition.num_sites=1"),
 }

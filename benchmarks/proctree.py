@@ -41,6 +41,7 @@ class TreeSampler:
     peak_processes: int = 0
     cpu_by_pid: dict[tuple[int, float], float] = field(default_factory=dict)
     samples: int = 0
+    peak_breakdown: list[tuple[str, int]] = field(default_factory=list)  # (process, rss)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -53,21 +54,23 @@ class TreeSampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        rss, alive = 0, 0
+        rss, seen = 0, []
         for proc in procs:
             try:
                 with proc.oneshot():
                     mem = proc.memory_info().rss
                     cpu = proc.cpu_times()
                     key = (proc.pid, proc.create_time())  # pids can be reused
+                    label = _label(proc.cmdline())
             except psutil.Error:
                 continue
             rss += mem
-            alive += 1
+            seen.append((label, mem))
             self.cpu_by_pid[key] = cpu.user + cpu.system
         self.samples += 1
         if rss > self.peak_rss_bytes:
-            self.peak_rss_bytes, self.peak_processes = rss, alive
+            self.peak_rss_bytes, self.peak_processes = rss, len(seen)
+            self.peak_breakdown = sorted(seen, key=lambda x: -x[1])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -85,6 +88,22 @@ class TreeSampler:
         return sum(self.cpu_by_pid.values())
 
 
+def _label(cmdline: list[str]) -> str:
+    """A short name of a process: Ray's title (``ray::ClientAppActor``), the Python module or
+    script it runs, or its program."""
+    if not cmdline:
+        return "?"
+    first = Path(cmdline[0]).name
+    if first.startswith("ray::") or not first.startswith("python"):
+        return first.split(".")[0] if first.startswith("ray::") else first
+    for i, arg in enumerate(cmdline[1:], 1):
+        if arg == "-m" and i + 1 < len(cmdline):
+            return f"python -m {cmdline[i + 1]}"
+        if arg.endswith(".py"):
+            return f"python {Path(arg).name}"
+    return first
+
+
 @dataclass
 class Measured:
     """What :func:`run_measured` saw: exit status, times, memory and the stamped log."""
@@ -95,6 +114,7 @@ class Measured:
     peak_rss_bytes: int
     peak_processes: int
     lines: list[tuple[float, str]]  # (seconds since start, line)
+    peak_breakdown: list[tuple[str, int]] = field(default_factory=list)
 
     def first(self, pattern: str, after: float = -1.0) -> float | None:
         """Seconds since start of the first line containing ``pattern`` (at or after ``after``)."""
@@ -107,7 +127,9 @@ class Measured:
     def summary(self) -> dict[str, Any]:
         """The numbers (no log lines), for the results JSON."""
         return {"returncode": self.returncode, "wall_s": self.wall_s, "cpu_s": self.cpu_s,
-                "peak_rss_bytes": self.peak_rss_bytes, "peak_processes": self.peak_processes}
+                "peak_rss_bytes": self.peak_rss_bytes, "peak_processes": self.peak_processes,
+                "peak_breakdown": [{"process": name, "rss_bytes": rss}
+                                   for name, rss in self.peak_breakdown]}
 
 
 def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None,
@@ -135,7 +157,7 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None,
         _end_tree(proc)
     lines = [(t - start, line) for t, _, line in clock.lines]
     return Measured(returncode, wall, sampler.cpu_s, sampler.peak_rss_bytes,
-                    sampler.peak_processes, lines)
+                    sampler.peak_processes, lines, sampler.peak_breakdown)
 
 
 def _end_tree(proc: subprocess.Popen[bytes]) -> None:
