@@ -174,12 +174,23 @@ def markdown(result: dict[str, Any]) -> str:
             "(1, 5, 15 min; a shared machine).", ""]
     if "fl_vs_centralized" in result:
         text += _fl_markdown(result["fl_vs_centralized"])
+        text += _when(result["fl_vs_centralized"])
     if "dp_step" in result:
         text += ["", f"## DP-SGD step / non-private step (goal <= {GOALS['dp_step']})", "",
                  dp_step.table(result["dp_step"]["rows"])]
+        text += _when(result["dp_step"])
     if "secure_aggregation" in result:
         text += _secagg_markdown(result["secure_aggregation"])
+        text += _when(result["secure_aggregation"])
     return "\n".join(text)
+
+
+def _when(part: dict[str, Any]) -> list[str]:
+    measured = part.get("measured")
+    if not measured:
+        return []
+    return [f"Measured {measured['date']}, load average {measured['load_average']} at its "
+            "start.", ""]
 
 
 def _fl_markdown(fl: dict[str, Any]) -> list[str]:
@@ -244,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("fl", "dp", "secagg"):
         if part in parts:
             key, measure = steps[part]
-            result[key] = measure()
+            started = machine()
+            result[key] = {**measure(), "measured": {"date": started["date"],
+                                                     "load_average": started["load_average"]}}
             # written after each part: a later part's failure keeps the earlier numbers
             result["load_average_after"] = machine()["load_average"]
             write_results(args.out, "cost", result, markdown(result))
