@@ -46,7 +46,10 @@ ROUNDS = {"tiny": 1, "default": 2, "full": 2}
 
 def command(task: str, sites: int, rounds: int, out: Path) -> list[str]:
     """The simulation of ``sites`` hospitals (the user's command)."""
-    overrides = f"{TASKS[task]} partition.num_sites={sites} min_sites={sites} num_rounds={rounds}"
+    # min_sites 90%: at 500 chest X-ray hospitals some get none of the 624 test films and
+    # cannot evaluate (a clear error from each); the run goes on with the others
+    overrides = (f"{TASKS[task]} partition.num_sites={sites} min_sites={max(2, sites * 9 // 10)}"
+                 f" num_rounds={rounds}")
     if task != "breast_cancer":
         overrides += f" task.data_dir={data_dir(task)}"
     return [sys.executable, "-m", "fl_app", *overrides.split(), f"output_dir={out}",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.base import DataError
 from tasks.score_groups import logit_scores, score_metrics
 
 
@@ -164,6 +165,9 @@ def evaluate_site(
     from fl_app.threshold import rates_at  # fl_app imports tasks, not the other way round
     from tasks.score_groups import score_metrics
 
+    if len(site.test) == 0:  # e.g. more simulated sites than test examples
+        raise DataError(f"site {site.name} has no test examples to evaluate on (a partition "
+                        "into more sites than the test split can fill): use fewer sites")
     labels, probs, loss, scores = predict(model, make_loader(site.test, 256, False, 0), device)
     metrics = classification_metrics(labels, probs, loss, scores)
     binary = probs.shape[1] == 2

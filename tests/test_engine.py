@@ -72,3 +72,16 @@ def test_site_metrics_and_pooled_auc_match_scikit_learn() -> None:
 def test_single_class_site_has_undefined_auc() -> None:
     m = engine.classification_metrics(np.ones(5, int), np.full((5, 2), 0.5), 1.0)
     assert np.isnan(m["auc"])
+
+
+def test_site_without_test_examples_gets_one_clear_error() -> None:
+    # 500 simulated chest X-ray hospitals share 624 test films: some get none
+    import pytest
+
+    from tasks.base import DataError, SiteData
+
+    data = _data()
+    empty = TensorDataset(torch.zeros(0, 30), torch.zeros(0, dtype=torch.long))
+    site = SiteData(name="site-379", train=data, test=empty, num_classes=2)
+    with pytest.raises(DataError, match=r"site site-379 has no test examples.*fewer sites"):
+        engine.evaluate_site(nn.Sequential(nn.Linear(30, 2)), site, torch.device("cpu"))
