@@ -121,7 +121,10 @@ def table(rows: list[dict[str, Any]]) -> str:
           split_peak(r),
           num(r.get("startup_s")), num(r.get("round1_s")),
           num(r.get("round_s")), num(r["cpu_s"]), r["load_average_before"][0]]
-         if r["status"] == "ok" else [r["task"], r["hospitals"], r["status"], *[""] * 8]
+         if r["status"] == "ok" else
+         [r["task"], r["hospitals"], f"{r['peak_rss_bytes'] / 2**30:.2f} until it failed",
+          "yes" if r["peak_rss_bytes"] < GOAL_GIB * 2**30 else "NO", r["peak_processes"],
+          split_peak(r), r["status"], "", "", num(r["cpu_s"]), r["load_average_before"][0]]
          for r in rows])
 
 
