@@ -32,10 +32,11 @@ def test_qfedavg_heart_disease_run_completes_and_reports_the_worst_site(shared_d
     worst = summary["worst_site"]["accuracy"]
     assert worst["site"] in summary["per_site"] and worst["gap_to_mean"] >= 0
     # it learns, more slowly than FedAvg (its step is damped by L = 1/lr and the update norms;
-    # measured: mean per-site accuracy 0.47, 0.54, 0.64 over these rounds, 0.80 after 10)
+    # measured on FLamby's split: mean per-site accuracy 0.615, 0.677, 0.722 over these
+    # rounds, pooled loss 0.690, 0.658, 0.629; 0.801 after 10 rounds, FedAvg 0.752)
     losses = [line["pooled"]["loss"] for line in lines]
     assert losses[0] > losses[1] > losses[2]
-    assert summary["mean_site_accuracy"] >= 0.1 + np.mean(
+    assert summary["mean_site_accuracy"] >= 0.05 + np.mean(
         [m["accuracy"] for m in lines[0]["per_site"].values()])
     assert "q-FedAvg" in (run / "report.md").read_text()
 
