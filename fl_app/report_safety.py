@@ -37,8 +37,10 @@ def privacy(facts: dict[str, Any]) -> str:
     rows = []
     for site, spend in sorted((privacy.get("per_site") or {}).items()):
         status = spend.get("status")
+        capped = spend.get("budget_epsilon") is not None
         row = [site, spend.get("epsilon"), spend.get("rounds_trained"),
-               words.PRIVACY_STATUS.get(status, str(status)),
+               words.PRIVACY_STATUS.get(status, str(status)) if capped or status != "active"
+               else "trained every round it was asked",
                spend.get("budget_epsilon") if spend.get("budget_epsilon") is not None
                else "no cap"]
         rows.append(row + ([mia.get(site)] if mia else []))
