@@ -82,3 +82,30 @@ def test_local_dp_at_epsilon_1_leaves_the_attack_at_chance(tmp_path: Path,
     assert mia["non_member_split"] == {"site-0": "val", "site-1": "val"}
     assert mia["members"] == {"site-0": 471, "site-1": 471}
     assert abs(mia["mean"] - 0.5) <= 0.05, mia
+
+
+@pytest.mark.e2e
+def test_an_overfit_non_private_model_leaks_membership(tmp_path: Path, shared_data: Path) -> None:
+    """Chest X-ray, 2 hospitals with 118 training images each, no DP, no weight decay, 25
+    rounds x 5 local epochs of small batches: the global model memorises its training
+    patients and the loss-threshold attack finds them (measured: mean AUC 0.605 with seed 42,
+    0.600 with seed 1; each site 0.59-0.62; standard error ~0.03 per site). Same attack as
+    the local-DP test above, where it stays at chance."""
+    import torch
+
+    from benchmarks.common import run_federated
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # in-process sites: one thread each is faster on a loaded CPU
+    try:
+        summary = run_federated(
+            f"task=chest_xray task.data_dir={shared_data / 'chest_xray'} partition=iid "
+            "partition.num_sites=2 task.train_fraction=0.05 task.weight_decay=0 "
+            "task.batch_size=8 task.local_epochs=5 num_rounds=25 audit.membership=true",
+            tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    mia = summary["membership_inference"]
+    assert mia["privacy"] == "none" and mia["members"] == {"site-0": 118, "site-1": 118}
+    assert mia["mean"] >= 0.57, mia
+    assert all(auc >= 0.55 for auc in mia["per_site"].values()), mia
