@@ -175,8 +175,12 @@ def evaluate_site(
         metrics |= rates_at(labels, scores, threshold_logit)
         metrics["threshold-logit"] = float(threshold_logit)
     val = getattr(site, "val", None)
-    if binary and val is not None and len(val):
-        val_labels, _, _, val_scores = predict(model, make_loader(val, 256, False, 0), device)
+    if binary and val is not None:
+        if len(val):
+            val_labels, _, _, val_scores = predict(model, make_loader(val, 256, False, 0),
+                                                   device)
+        else:  # a site dealt no validation image sends empty groups: the same keys
+            val_labels, val_scores = np.zeros(0, dtype=np.int64), np.zeros(0)
         metrics |= {f"val-{k}": v
                     for k, v in score_metrics(val_labels, val_scores).items()}
     if extra is not None:

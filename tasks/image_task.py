@@ -415,7 +415,9 @@ def make_site(
         name=name,
         train=ImageDataset(prepared["train"], labels["train"], transform),
         test=ImageDataset(prepared["test"], labels["test"]),
-        val=ImageDataset(prepared["val"], labels["val"]) if len(labels["val"]) else None,
+        # possibly empty (a site dealt no validation image): every image site of a run then
+        # sends the same metric keys (Flower refuses evaluate replies whose keys differ)
+        val=ImageDataset(prepared["val"], labels["val"]),
         num_classes=len(classes),
         info=info,
         extras={"patients": patients or {}},

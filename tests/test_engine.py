@@ -85,3 +85,19 @@ def test_site_without_test_examples_gets_one_clear_error() -> None:
     site = SiteData(name="site-379", train=data, test=empty, num_classes=2)
     with pytest.raises(DataError, match=r"site site-379 has no test examples.*fewer sites"):
         engine.evaluate_site(nn.Sequential(nn.Linear(30, 2)), site, torch.device("cpu"))
+
+
+def test_site_dealt_no_validation_image_sends_the_same_keys() -> None:
+    """Many simulated sites: one may get no validation example. It must still send the
+    ``val-`` keys (empty groups), or Flower refuses the round's evaluate replies."""
+    from tasks.base import SiteData
+
+    data = _data()
+    model = nn.Sequential(nn.Linear(30, 2))
+    empty = TensorDataset(torch.zeros(0, 30), torch.zeros(0, dtype=torch.long))
+    with_val = engine.evaluate_site(model, SiteData("a", data, data, 2, val=data),
+                                    torch.device("cpu"))
+    without = engine.evaluate_site(model, SiteData("b", data, data, 2, val=empty),
+                                   torch.device("cpu"))
+    assert set(with_val) == set(without)
+    assert without["val-score-pos-count"] == [] and without["val-score-neg-suppressed"] == 0
