@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -32,6 +33,17 @@ from tests.conftest import data_root
 # the task -> folder under the data root
 DATA_FOLDERS = {"heart_disease": "heart_disease", "chest_xray": "chest_xray",
                 "mammography": "mammography"}
+
+
+def benchmark_parser(doc: str, full: str, tiny: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: ``--out DIR`` and one of ``--full`` / ``--tiny``
+    (help texts say what each size means for this benchmark); the default size is neither."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help=full)
+    size.add_argument("--tiny", action="store_true", help=tiny)
+    return parser
 
 
 def data_dir(task: str) -> Path:

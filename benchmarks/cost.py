@@ -40,7 +40,7 @@ from typing import Any
 
 from benchmarks import dp_step
 from benchmarks import secure_aggregation as secagg
-from benchmarks.common import data_dir, machine, markdown_table, write_results
+from benchmarks.common import benchmark_parser, data_dir, machine, markdown_table, write_results
 from benchmarks.proctree import Measured, run_measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -229,11 +229,7 @@ def _secagg_markdown(sa: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three measurements; write ``cost.json`` and ``cost.md`` in ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="5 rounds, each side twice")
-    size.add_argument("--tiny", action="store_true", help="breast cancer, seconds")
+    parser = benchmark_parser(__doc__, "5 rounds, each side twice", "breast cancer, seconds")
     parser.add_argument("--parts", default="fl,dp,secagg",
                         help="comma-separated parts to run (default: all)")
     # internal: one side of the comparison, the experiment on the in-process federation

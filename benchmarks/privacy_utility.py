@@ -24,7 +24,6 @@ Exits 1 when any run failed (its row says why).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    benchmark_parser,
     data_dir,
     fmt,
     limit_threads,
@@ -245,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen tasks, merge them into ``--out``'s results, write JSON, md and PNG."""
     from fl_app.run_folder import atomic_write_bytes
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--full", action="store_true", help="more seeds and rounds (long)")
-    group.add_argument("--tiny", action="store_true", help="seconds: the CI smoke test")
+    parser = benchmark_parser(__doc__, "more seeds and rounds (long)", "seconds: the CI smoke test")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated tasks to run (default: all of {TASKS})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -33,13 +33,13 @@ load and date). Exits 1 when any run failed (its row says why).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    benchmark_parser,
     data_dir,
     fmt,
     limit_threads,
@@ -371,11 +371,7 @@ def _status(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen sections, merge them into ``--out``'s results, write JSON + markdown."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--full", action="store_true", help="every seed and round (long)")
-    group.add_argument("--tiny", action="store_true", help="seconds: the CI smoke test")
+    parser = benchmark_parser(__doc__, "every seed and round (long)", "seconds: the CI smoke test")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of {SECTIONS})")
     parser.add_argument("--protocol", default="flamby",

@@ -22,13 +22,12 @@ Writes ``scale.json`` and ``scale.md`` in ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import data_dir, machine, markdown_table, write_results
+from benchmarks.common import benchmark_parser, data_dir, machine, markdown_table, write_results
 from benchmarks.proctree import Measured, run_measured
 
 GOAL_GIB = 4.0
@@ -130,11 +129,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every size; write ``scale.json`` and ``scale.md`` in ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="up to 100 / 500 hospitals")
-    size.add_argument("--tiny", action="store_true", help="3 hospitals, 1 round")
+    parser = benchmark_parser(__doc__, "up to 100 / 500 hospitals", "3 hospitals, 1 round")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     parser.add_argument("--sizes", default=None,
                         help="comma-separated numbers of hospitals (default: the size's own)")
