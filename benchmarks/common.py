@@ -46,6 +46,28 @@ def benchmark_parser(doc: str, full: str, tiny: str) -> argparse.ArgumentParser:
     return parser
 
 
+def size_of(args: argparse.Namespace) -> str:
+    """The size a :func:`benchmark_parser` command line asked for: full, tiny or default."""
+    return "full" if args.full else "tiny" if args.tiny else "default"
+
+
+def chosen_names(parser: argparse.ArgumentParser, text: str, known: Iterable[str],
+                 what: str) -> list[str]:
+    """The comma-separated ``text`` as a list; a parser error naming any unknown one."""
+    known = list(known)
+    chosen = [name for name in text.split(",") if name]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        parser.error(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
+
+
+def earlier_results(out: Path, name: str) -> dict[str, Any]:
+    """``<out>/<name>.json`` as written before (sections are merged into it), else {}."""
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def data_dir(task: str) -> Path:
     """The real data folder of ``task``; a clear error when it is absent."""
     path = data_root() / DATA_FOLDERS[task]

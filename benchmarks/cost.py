@@ -40,7 +40,14 @@ from typing import Any
 
 from benchmarks import dp_step
 from benchmarks import secure_aggregation as secagg
-from benchmarks.common import benchmark_parser, data_dir, machine, markdown_table, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    data_dir,
+    machine,
+    markdown_table,
+    size_of,
+    write_results,
+)
 from benchmarks.proctree import Measured, run_measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_federated(args.in_process, args.out)
         return 0
-    size = "full" if args.full else "tiny" if args.tiny else "default"
+    size = size_of(args)
     parts = set(args.parts.split(","))
     result: dict[str, Any] = {"machine": machine(), "size": size,
                               "flag": {"full": " --full", "tiny": " --tiny"}.get(size, "")}

@@ -25,19 +25,21 @@ Exits 1 when any run failed (its row says why).
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     benchmark_parser,
+    chosen_names,
     data_dir,
+    earlier_results,
     fmt,
     limit_threads,
     machine,
     markdown_table,
     run_federated,
+    size_of,
     write_results,
 )
 from benchmarks.quality import FLAMBY, row_of, seeds_of
@@ -250,14 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated tasks to run (default: all of {TASKS})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
-    chosen = [t for t in args.tasks.split(",") if t]
-    unknown = sorted(set(chosen) - set(TASKS))
-    if unknown:
-        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    label = "full" if args.full else "tiny" if args.tiny else "default"
+    chosen = chosen_names(parser, args.tasks, TASKS, "task")
+    label = size_of(args)
     limit_threads(args.threads)
-    path = args.out / f"{NAME}.json"
-    result = json.loads(path.read_text()) if path.is_file() else {}
+    result = earlier_results(args.out, NAME)
     result["benchmark"] = NAME
     for task in chosen:
         before = machine()

@@ -33,14 +33,15 @@ load and date). Exits 1 when any run failed (its row says why).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     benchmark_parser,
+    chosen_names,
     data_dir,
+    earlier_results,
     fmt,
     limit_threads,
     machine,
@@ -48,6 +49,7 @@ from benchmarks.common import (
     mean_sd,
     run_centralized,
     run_federated,
+    size_of,
     write_results,
 )
 
@@ -381,15 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                              "already in --out (e.g. one that landed after the measurement)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
-    chosen = [s for s in args.sections.split(",") if s]
-    unknown = sorted(set(chosen) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    label = "full" if args.full else "tiny" if args.tiny else "default"
+    chosen = chosen_names(parser, args.sections, SECTIONS, "section")
+    label = size_of(args)
     size = SIZES[label]
     limit_threads(args.threads)
-    path = args.out / f"{NAME}.json"
-    result = json.loads(path.read_text()) if path.is_file() else {}
+    result = earlier_results(args.out, NAME)
     result.update({"benchmark": NAME, "anchors": {"flamby_heart_disease": FLAMBY,
                    "medmnist_pneumonia_auc": MEDMNIST_PNEUMONIA_AUC}, "goals": GOALS})
     only = [x for x in args.strategies.split(",") if x] or None

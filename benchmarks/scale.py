@@ -27,7 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import benchmark_parser, data_dir, machine, markdown_table, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    data_dir,
+    machine,
+    markdown_table,
+    size_of,
+    write_results,
+)
 from benchmarks.proctree import Measured, run_measured
 
 GOAL_GIB = 4.0
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None,
                         help="comma-separated numbers of hospitals (default: the size's own)")
     args = parser.parse_args(argv)
-    name = "full" if args.full else "tiny" if args.tiny else "default"
+    name = size_of(args)
     chosen = args.tasks.split(",") if args.tasks else list(SIZES[name])
     result: dict[str, Any] = {"machine": machine(), "size": name, "rounds": ROUNDS[name],
                               "goal_peak_gib": GOAL_GIB, "rows": []}
